@@ -1,0 +1,166 @@
+import pytest
+import torch
+
+import vidmoe
+from vidmoe.model import VidMoETransformer, build_model, from_sequences, to_sequences
+
+from conftest import CONFIGS
+
+TINY = CONFIGS / "tiny.yaml"
+VOCAB = "model.vocab=[a, red, blue, circle, square, bouncing, and]"
+
+
+def tiny(*overrides):
+    return vidmoe.load_config(TINY, [VOCAB, *overrides]).model
+
+
+def perturbed(model):
+    """A model whose zero-initialised branches have been moved, so outputs depend on everything."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def inputs(cfg, batch=2):
+    torch.manual_seed(0)
+    h, w = cfg.latent_size
+    x = torch.randn(batch, cfg.latent_channels, cfg.num_frames, h, w)
+    return x, torch.rand(batch)
+
+
+@pytest.mark.parametrize("frames, size, patch, tpatch", [
+    (4, 16, 4, 1), (4, [8, 16], 4, 2), (6, [12, 8], 2, 3), (2, 8, 8, 1),
+])
+def test_output_shape(frames, size, patch, tpatch):
+    cfg = tiny(f"model.num_frames={frames}", f"model.sample_size={size}", f"model.patch_size={patch}",
+               f"model.temporal_patch_size={tpatch}")
+    model = perturbed(build_model(cfg))
+    x, t = inputs(cfg)
+    out = model(x, t, labels=torch.tensor([0, 2]), captions=["a red circle", "a blue square"])
+    assert out.sample.shape == x.shape
+    assert torch.isfinite(out.sample).all()
+
+
+def test_sequence_regrouping_round_trips():
+    x = torch.arange(2 * 3 * 4 * 5).view(2, 3, 4, 5)  # [B, T, S, D]
+    assert to_sequences(x, "spatial")[4].tolist() == x[1, 1].tolist()  # sequence (b=1, t=1): a frame
+    assert to_sequences(x, "temporal")[5].tolist() == x[1, :, 1].tolist()  # (b=1, s=1): one position over time
+    for kind in ("spatial", "temporal"):
+        assert torch.equal(from_sequences(to_sequences(x, kind), kind, 2, 3, 4), x)
+
+
+@pytest.mark.parametrize("ffn", ["moe", "dense"])
+def test_untrained_model_outputs_exact_zero(ffn):
+    cfg = tiny(f"model.ffn={ffn}")
+    x, t = inputs(cfg)
+    out = build_model(cfg)(x, t, labels=torch.tensor([1, 2]), captions=["a red circle", ""])
+    assert torch.count_nonzero(out.sample) == 0
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = tiny()
+    model = perturbed(build_model(cfg)).eval()
+    with torch.no_grad():
+        for _, ffn in model.moe_layers():
+            ffn.router.selection_bias.uniform_(-0.1, 0.1)  # a persistent buffer must survive too
+    model.save_pretrained(tmp_path)
+    loaded = VidMoETransformer.from_pretrained(tmp_path).eval()
+    x, t = inputs(cfg)
+    kwargs = dict(labels=torch.tensor([0, 1]), captions=["a red circle", "a blue square bouncing"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, **kwargs).sample, model(x, t, **kwargs).sample, rtol=0, atol=0)
+    assert loaded.model_config.vocab == cfg.vocab
+
+
+def test_captions_labels_and_time_change_the_output():
+    cfg = tiny()
+    model = perturbed(build_model(cfg)).eval()
+    x, t = inputs(cfg)
+    labels = torch.tensor([0, 1])
+    caps = ["a red circle", "a red circle"]
+    with torch.no_grad():
+        base = model(x, t, labels=labels, captions=caps).sample
+        other_caption = model(x, t, labels=labels, captions=["a blue square", "a blue square"]).sample
+        other_label = model(x, t, labels=torch.tensor([2, 2]), captions=caps).sample
+        other_time = model(x, t * 0.5, labels=labels, captions=caps).sample
+        dropped = model(x, t, labels=labels, captions=caps, drop=torch.tensor([True, False])).sample
+        null = model(x, t).sample
+    for changed in (other_caption, other_label, other_time):
+        assert (changed - base).abs().max() > 1e-4
+    torch.testing.assert_close(dropped[0], null[0])  # dropping = the null condition
+    torch.testing.assert_close(dropped[1], base[1])
+
+
+def test_training_mode_drops_conditions_at_the_configured_rate():
+    model = build_model(tiny("model.cond_dropout=0.5")).train()
+    torch.manual_seed(0)
+    dropped = torch.stack([model._drop_mask(64, None, torch.device("cpu")) for _ in range(20)]).float().mean()
+    assert 0.4 < dropped.item() < 0.6
+    assert not build_model(tiny()).eval()._drop_mask(64, None, torch.device("cpu")).any()
+
+
+def test_every_parameter_gets_a_gradient():
+    cfg = tiny("model.moe.num_experts=2", "model.moe.top_k=2")  # top-2 of 2: every expert sees tokens
+    model = perturbed(build_model(cfg)).train()
+    x, t = inputs(cfg)
+    out = model(x, t, labels=torch.tensor([0, 1]), captions=["a red circle", "a blue square"],
+                drop=torch.tensor([False, True]))
+    (out.sample.square().mean() + out.aux.loss).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_shared_pool_routers_select_from_the_same_weights():
+    model = build_model(tiny("model.moe.expert_pool=shared"))
+    layers = dict(model.moe_layers())
+    assert layers["blocks.0.spatial"].experts is layers["blocks.0.temporal"].experts
+    assert layers["blocks.0.spatial"].router is not layers["blocks.0.temporal"].router
+    assert layers["blocks.0.spatial"].experts is not layers["blocks.1.spatial"].experts
+    names = [name for name, _ in model.named_parameters()]
+    assert sum(n.endswith("experts.w_in") for n in names) == model.model_config.depth  # stored once per block
+    split = dict(build_model(tiny("model.moe.expert_pool=split")).moe_layers())
+    assert split["blocks.0.spatial"].experts is not split["blocks.0.temporal"].experts
+    assert [(n, k) for n, k, _ in model.routers()][:2] == [("blocks.0.spatial", "spatial"), ("blocks.0.temporal", "temporal")]
+
+
+def test_moe_stats_and_bias_updates_through_the_model():
+    model = perturbed(build_model(tiny("model.moe.balance=bias"))).train()
+    x, t = inputs(cfg := model.model_config)
+    model(x, t)
+    stats = model.moe_stats()
+    assert set(stats) == {f"blocks.{i}.{k}" for i in range(cfg.depth) for k in ("spatial", "temporal")}
+    tokens = x.shape[0] * cfg.num_frames * (cfg.latent_size[0] // cfg.patch_size) ** 2
+    for s in stats.values():
+        assert s["tokens"] == tokens and s["load"].sum().item() == pytest.approx(1.0)
+    model.after_optimizer_step()
+    biases = [ffn.router.selection_bias for _, ffn in model.moe_layers()]
+    assert any(b.abs().sum() > 0 for b in biases)
+
+
+def test_bf16_autocast_runs():
+    cfg = tiny()
+    model = perturbed(build_model(cfg)).train()
+    x, t = inputs(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, captions=["a red circle", "a blue square"])
+    (out.sample.float().square().mean() + out.aux.loss).backward()
+    assert torch.isfinite(model.final_layer.linear.weight.grad).all()
+
+
+@pytest.mark.parametrize("name", ["tiny", "bouncing_small"])
+def test_dense_baselines_match_the_moe(name):
+    moe = build_model(vidmoe.load_config(CONFIGS / f"{name}.yaml").model).parameter_counts()
+    flops = build_model(vidmoe.load_config(CONFIGS / f"{name}.yaml", ["model.ffn=dense", "model.dense_match=flops"]).model)
+    params = build_model(vidmoe.load_config(CONFIGS / f"{name}.yaml", ["model.ffn=dense", "model.dense_match=params"]).model)
+    assert flops.parameter_counts()["active"] == pytest.approx(moe["active"], rel=0.02)
+    assert params.parameter_counts()["total"] == pytest.approx(moe["total"], rel=0.02)
+
+
+def test_shipped_dense_configs_and_parameter_ratio():
+    counts = {n: build_model(vidmoe.load_config(CONFIGS / f"{n}.yaml").model).parameter_counts()
+              for n in ("bouncing_small", "dense_flops", "dense_params")}
+    assert counts["bouncing_small"]["total"] >= 2.5 * counts["dense_flops"]["total"]
+    assert counts["dense_flops"]["active"] == pytest.approx(counts["bouncing_small"]["active"], rel=0.02)
+    assert counts["dense_params"]["total"] == pytest.approx(counts["bouncing_small"]["total"], rel=0.02)

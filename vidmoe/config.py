@@ -1,0 +1,371 @@
+"""Configuration: one dataclass per section, YAML files, dotted command-line overrides.
+
+Every module takes the section it needs (``cfg.model``, ``cfg.data``, ...). Values are checked
+when a config is built, so a typo or an impossible combination fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import UsageError
+
+
+class ConfigError(UsageError, ValueError):
+    """A configuration that cannot be used; the message is one line that says why."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward options (see DESIGN.md section 2)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "token_choice"  # token_choice | expert_choice
+    renormalize: bool = True  # rescale the top-K gates to sum to 1
+    jitter: float = 0.0  # multiplicative noise on router inputs in training (Switch)
+    balance: str = "aux_loss"  # aux_loss | bias | none
+    aux_loss_coef: float = 0.01
+    bias_update_rate: float = 0.001  # aux-loss-free balancing step size
+    z_loss_coef: float = 0.001
+    capacity_factor: Optional[float] = None  # None: dropless
+    num_shared_experts: int = 0
+    expert_pool: str = "split"  # split | shared
+    expert_hidden: Optional[int] = None  # H per expert; None: the model's ffn_hidden
+    dispatch: str = "auto"  # auto | grouped | loop
+
+
+@dataclass
+class ModelConfig:
+    """The transformer: sizes, conditioning and feed-forward kind."""
+
+    in_channels: int = 3
+    num_frames: int = 16
+    sample_size: Union[int, list[int]] = 32  # int or [H, W]
+    patch_size: int = 4
+    temporal_patch_size: int = 1
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    ffn: str = "moe"  # moe | dense
+    ffn_hidden: int = 256  # hidden width of one expert (moe) or of the dense FFN
+    dense_match: Optional[str] = None  # flops | params: size a dense FFN from the moe section
+    num_classes: int = 0  # 0: no class conditioning
+    text: bool = True  # built-in text encoder over a word vocabulary
+    text_encoder: Optional[str] = None  # local transformers encoder folder instead
+    text_max_length: int = 16
+    text_layers: int = 1
+    vocab: list[str] = field(default_factory=list)  # filled from the data when empty
+    cond_dropout: float = 0.1  # probability of dropping class and text in training
+    vae: Optional[str] = None  # local diffusers AutoencoderKL folder: train in latent space
+    vae_channels: int = 4  # latent channels of that VAE
+    vae_scale: int = 8  # its spatial downsampling factor
+    qk_norm: bool = True
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        s = self.sample_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels the transformer sees: the VAE's latents, or the pixels."""
+        return self.vae_channels if self.vae else self.in_channels
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """Frame size the transformer sees."""
+        f = self.vae_scale if self.vae else 1
+        h, w = self.frame_size
+        return h // f, w // f
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how they are cut."""
+
+    source: str = "synthetic:bouncing_shapes"  # synthetic:NAME, a video folder, or a prepared cache
+    eval_source: Optional[str] = None  # None: a held-out split of source (other seeds for synthetic)
+    num_clips: int = 4096  # synthetic clips per epoch
+    eval_clips: int = 256  # synthetic clips in the eval split
+    eval_fraction: float = 0.1  # video folders: share of files held out for eval when eval_source is null
+    frame_stride: int = 1
+    fps: Optional[float] = None  # resample real video to this rate instead of frame_stride
+    min_objects: int = 1
+    max_objects: int = 3
+    object_size: list[int] = field(default_factory=lambda: [6, 10])  # pixels at 32x32
+    speed: list[float] = field(default_factory=lambda: [0.5, 1.5])  # pixels per frame at 32x32
+    num_workers: int = 0
+    decode_timeout: float = 30.0  # seconds one file may take to decode
+    crop: str = "center"  # center | random: training crop of video files (eval and caches: center)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, checkpoints and logging."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    time_budget_minutes: Optional[float] = None  # stop early at this wall time
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    lr_schedule: str = "cosine"  # any diffusers get_scheduler name
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "auto"  # auto (bf16 where the hardware makes it fast) | bf16 | fp16 | no
+    timestep_mean: float = 0.0  # logit-normal timestep sampling
+    timestep_std: float = 1.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # 0: never
+    log_every: int = 10
+    compile: bool = False
+    max_bad_steps: int = 10  # consecutive non-finite steps before giving up
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    """Generation defaults."""
+
+    steps: int = 30
+    guidance: float = 3.0
+    scheduler: str = "FlowMatchEulerDiscreteScheduler"
+    num_videos: int = 8
+    fps: int = 8
+    format: str = "mp4"  # mp4 | gif | webm | png
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """A whole run: model, data, training and sampling."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+_CHOICES = {
+    ("moe", "router"): ("token_choice", "expert_choice"),
+    ("moe", "balance"): ("aux_loss", "bias", "none"),
+    ("moe", "expert_pool"): ("split", "shared"),
+    ("moe", "dispatch"): ("auto", "grouped", "loop"),
+    ("model", "ffn"): ("moe", "dense"),
+    ("model", "dense_match"): (None, "flops", "params"),
+    ("train", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
+    ("sample", "format"): ("mp4", "gif", "webm", "png"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{_join(where, unknown[0])}' (known keys: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name in names & set(data):
+        tp = hints[name]
+        key = _join(where, name)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from plain data (as read from YAML)."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (``model.moe.top_k=1``) in a nested dict; values are parsed as YAML."""
+    for text in overrides or []:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for combinations that cannot work."""
+    sections = {"model": cfg.model, "moe": cfg.model.moe, "data": cfg.data, "train": cfg.train,
+                "sample": cfg.sample}
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(sections[section], key)
+        prefix = "model.moe" if section == "moe" else section
+        _check(value in allowed, f"{prefix}.{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    m, moe = cfg.model, cfg.model.moe
+    if isinstance(m.sample_size, list):
+        _check(len(m.sample_size) == 2, f"model.sample_size must be an int or [H, W]; got {m.sample_size}")
+    h, w = m.frame_size
+    vae_factor = m.vae_scale if m.vae else 1
+    for name, size in (("height", h), ("width", w)):
+        _check(size > 0 and (size // vae_factor) % m.patch_size == 0 and size % vae_factor == 0,
+               f"model.sample_size {name} {size} is not divisible by model.patch_size={m.patch_size}"
+               + (f" after the VAE's {m.vae_scale}x downsampling" if m.vae else ""))
+    _check(m.num_frames > 0 and m.num_frames % m.temporal_patch_size == 0,
+           f"model.num_frames={m.num_frames} is not divisible by model.temporal_patch_size={m.temporal_patch_size}")
+    _check(m.hidden_size % m.num_heads == 0,
+           f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    _check((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size / model.num_heads must be even")
+    _check(m.hidden_size % 4 == 0, "model.hidden_size must be divisible by 4 (sin-cos positions)")
+    for name in ("depth", "num_heads", "ffn_hidden", "in_channels", "patch_size", "temporal_patch_size"):
+        _check(getattr(m, name) > 0, f"model.{name} must be positive")
+    _check(0.0 <= m.cond_dropout < 1.0, "model.cond_dropout must be in [0, 1)")
+    _check(m.num_classes >= 0, "model.num_classes must be >= 0")
+    _check(moe.num_experts >= 1, "model.moe.num_experts must be at least 1")
+    _check(1 <= moe.top_k <= moe.num_experts,
+           f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}")
+    _check(moe.capacity_factor is None or moe.capacity_factor > 0, "model.moe.capacity_factor must be > 0 or null")
+    _check(moe.num_shared_experts >= 0, "model.moe.num_shared_experts must be >= 0")
+    _check(moe.jitter >= 0, "model.moe.jitter must be >= 0")
+    _check(moe.expert_hidden is None or moe.expert_hidden > 0, "model.moe.expert_hidden must be positive")
+    _check(m.ffn == "dense" or m.dense_match is None, "model.dense_match only applies when model.ffn=dense")
+    d = cfg.data
+    _check(1 <= d.min_objects <= d.max_objects <= 3,
+           "data.min_objects and data.max_objects must satisfy 1 <= min_objects <= max_objects <= 3")
+    _check(len(d.object_size) == 2 and 0 < d.object_size[0] <= d.object_size[1],
+           "data.object_size must be [min, max] pixels")
+    _check(len(d.speed) == 2 and 0 <= d.speed[0] <= d.speed[1], "data.speed must be [min, max] pixels per frame")
+    _check(d.frame_stride >= 1, "data.frame_stride must be >= 1")
+    _check(d.fps is None or d.fps > 0, "data.fps must be > 0 or null")
+    _check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _check(d.num_clips >= 1 and d.eval_clips >= 1, "data.num_clips and data.eval_clips must be >= 1")
+    _check(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
+    _check(d.decode_timeout > 0, "data.decode_timeout must be > 0 seconds")
+    _check(d.crop in ("center", "random"), f"data.crop must be one of center, random; got {d.crop!r}")
+    _check(d.seed >= 0, "data.seed must be >= 0")
+    t = cfg.train
+    for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+        _check(getattr(t, name) > 0, f"train.{name} must be positive")
+    for name in ("checkpoint_every", "sample_every", "warmup_steps"):
+        _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
+    _check(t.lr > 0, "train.lr must be positive")
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+    _check(len(t.betas) == 2, "train.betas must be [beta1, beta2]")
+    s = cfg.sample
+    _check(s.steps >= 1 and s.num_videos >= 1 and s.fps >= 1, "sample.steps, num_videos and fps must be >= 1")

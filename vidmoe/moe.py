@@ -1,0 +1,351 @@
+"""Mixture-of-Experts feed-forward: router, grouped SwiGLU experts, dispatch, balance losses.
+
+Shapes use these letters:
+    N  tokens in the layer (B * T' * S)      D  model width
+    E  routed experts                        K  experts per token (token choice)
+    H  hidden width of one expert            A  token-expert assignments (N * K without drops)
+    C  tokens one expert takes (capacity)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .layers import SwiGLU, swiglu
+
+
+@dataclass
+class RouterOutput:
+    """Which expert each assignment goes to, with its gate; plus what the balance losses need."""
+
+    token_ids: torch.Tensor  # [A] long
+    expert_ids: torch.Tensor  # [A] long
+    gates: torch.Tensor  # [A] float32
+    probs: torch.Tensor  # [N, E] float32 softmax of the logits
+    logits: torch.Tensor  # [N, E] float32
+    num_tokens: int
+    dropped: int = 0  # assignments removed by the capacity limit
+    top_k: int | None = None  # set when every token has exactly K assignments, ordered token-major
+
+
+@dataclass
+class MoEAux:
+    """Auxiliary results of MoE layers: the weighted loss to add, its parts, tokens per expert."""
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def combine(items: list[tuple[str, "MoEAux"]], device: torch.device | None = None) -> "MoEAux":
+        """Average losses over layers (so coefficients do not scale with depth); keep counts per layer."""
+        if not items:
+            return MoEAux(loss=torch.zeros((), device=device))
+        n = len(items)
+        losses: dict[str, torch.Tensor] = {}
+        for _, aux in items:
+            for key, value in aux.losses.items():
+                losses[key] = losses.get(key, 0.0) + value / n
+        return MoEAux(
+            loss=sum(aux.loss for _, aux in items) / n,
+            losses=losses,
+            counts={name: aux.counts[""] for name, aux in items if "" in aux.counts},
+        )
+
+
+class Router(nn.Module):
+    """fp32 linear D -> E with token-choice or expert-choice selection."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
+        # Aux-loss-free balancing: a bias added for selection only, never to the gates.
+        self.register_buffer("selection_bias", torch.zeros(cfg.num_experts), persistent=True)
+        self.blocked_experts: set[int] = set()
+        nn.init.normal_(self.weight, std=0.02)
+
+    def capacity(self, num_tokens: int) -> int:
+        factor = 1.0 if self.cfg.capacity_factor is None else self.cfg.capacity_factor
+        return max(1, math.ceil(factor * num_tokens * self.cfg.top_k / self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x [N, D] -> assignments."""
+        with torch.autocast(x.device.type, enabled=False):
+            h = x.float()
+            if self.training and self.cfg.jitter > 0:
+                h = h * torch.empty_like(h).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
+            logits = F.linear(h, self.weight.float())  # [N, E]
+            probs = logits.softmax(dim=-1)
+            scores = probs.detach()
+            if self.cfg.balance == "bias":
+                scores = scores + self.selection_bias
+            if self.blocked_experts:
+                blocked = torch.tensor(sorted(self.blocked_experts), device=x.device)
+                scores = scores.index_fill(1, blocked, float("-inf"))
+            if self.cfg.router == "expert_choice":
+                return self._expert_choice(probs, logits, scores)
+            return self._token_choice(probs, logits, scores)
+
+    def _token_choice(self, probs, logits, scores) -> RouterOutput:
+        n, k = probs.shape[0], self.cfg.top_k
+        expert_ids = scores.topk(k, dim=-1).indices  # [N, K]
+        gates = probs.gather(1, expert_ids)  # [N, K]
+        if self.cfg.renormalize and k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        token_ids = torch.arange(n, device=probs.device).repeat_interleave(k)  # [A]
+        expert_ids, gates = expert_ids.flatten(), gates.flatten()  # [A]
+        if self.cfg.capacity_factor is None:
+            return RouterOutput(token_ids, expert_ids, gates, probs, logits, n, top_k=k)
+        # First choices take their places before second choices (GShard priority), then token order.
+        priority = torch.arange(n * k, device=probs.device).view(n, k).t().flatten()  # [A]: k-major
+        ranked = expert_ids[priority]
+        one_hot = F.one_hot(ranked, self.num_experts)  # [A, E]
+        position = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # place of each assignment in its expert
+        keep = torch.empty_like(position, dtype=torch.bool)
+        keep[priority] = position < self.capacity(n)
+        dropped = int((~keep).sum())
+        return RouterOutput(token_ids[keep], expert_ids[keep], gates[keep], probs, logits, n, dropped=dropped)
+
+    def _expert_choice(self, probs, logits, scores) -> RouterOutput:
+        n = probs.shape[0]
+        c = min(self.capacity(n), n)
+        chosen = scores.t().topk(c, dim=-1).indices  # [E, C]: each expert's top tokens
+        expert_ids = torch.arange(self.num_experts, device=probs.device).repeat_interleave(c)  # [A]
+        token_ids = chosen.flatten()  # [A]
+        gates = probs[token_ids, expert_ids]
+        keep = torch.isfinite(scores[token_ids, expert_ids])  # a blocked expert takes nobody
+        return RouterOutput(token_ids[keep], expert_ids[keep], gates[keep], probs, logits, n)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class _Permute(torch.autograd.Function):
+    """Rows x[index] where index is a permutation: the backward is a gather too, not a scatter."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+class _Replicate(torch.autograd.Function):
+    """Dispatch gather x[order // K] for fixed top-K routing: backward sums each token's K rows."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        n = inverse.numel() // ctx.k
+        return grad[inverse].view(n, ctx.k, -1).sum(1), None, None, None
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned row strides in every operand."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    step = 16 // x.element_size()
+    return all(w.shape[-1] % step == 0 and w.shape[-2] % step == 0 for w in weights)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights, run together on expert-sorted tokens."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))  # [E, D, 2H]: gate | up
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))  # [E, H, D]
+        nn.init.normal_(self.w_in, std=dim ** -0.5)
+        nn.init.normal_(self.w_out, std=hidden ** -0.5)
+
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w_in.to(dtype), self.w_out.to(dtype)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool = True) -> torch.Tensor:
+        """x [A, D] sorted by expert, counts [E] -> [A, D]."""
+        w_in, w_out = self._weights(x.dtype)
+        if grouped and grouped_mm_supported(x, w_in, w_out):
+            offsets = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
+            h = _ContiguousGrad.apply(torch._grouped_mm(x, w_in, offs=offsets))  # [A, 2H]
+            return _ContiguousGrad.apply(torch._grouped_mm(swiglu(h), w_out, offs=offsets))  # [A, D]
+        outs = []
+        for e, rows in enumerate(x.split(counts.tolist())):
+            outs.append(swiglu(rows @ w_in[e]) @ w_out[e])
+        return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on x [M, D], written plainly: the reference the grouped path is tested against."""
+        w_in, w_out = self._weights(x.dtype)
+        gate, up = (x @ w_in[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w_out[e]
+
+
+class ExpertPool(nn.Module):
+    """Routed experts plus the always-on shared experts (fused into one SwiGLU)."""
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig):
+        super().__init__()
+        self.experts = GroupedExperts(cfg.num_experts, dim, hidden)
+        self.shared = SwiGLU(dim, hidden * cfg.num_shared_experts) if cfg.num_shared_experts else None
+
+
+class MoEFeedForward(nn.Module):
+    """Router + expert pool. A pool given from outside (shared pool) is used but not owned."""
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, pool: ExpertPool | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.router = Router(dim, cfg)
+        if pool is None:
+            self.pool = ExpertPool(dim, hidden, cfg)
+        else:
+            # Kept out of the module tree so the weights are saved once, by their owner.
+            self._external_pool = (pool,)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
+        self.register_buffer("seen_tokens", torch.zeros(()), persistent=False)
+        self.register_buffer("bias_counts", torch.zeros(cfg.num_experts), persistent=False)
+
+    @property
+    def expert_pool(self) -> ExpertPool:
+        return self._external_pool[0] if hasattr(self, "_external_pool") else self.pool
+
+    @property
+    def experts(self) -> GroupedExperts:
+        return self.expert_pool.experts
+
+    def _use_grouped(self) -> bool:
+        return self.cfg.dispatch != "loop"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        """x [..., D] -> (y [..., D], aux)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        route = self.router(x)
+        counts = torch.bincount(route.expert_ids, minlength=self.num_experts)  # [E]
+        if self.cfg.dispatch == "loop":
+            y = self.loop_reference(x, route)
+        else:
+            y = self._dispatch(x, route, counts)
+        pool = self.expert_pool
+        if pool.shared is not None:
+            y = y + pool.shared(x)
+        if self.training:
+            self._count(route, counts)
+        return y.view(shape), self._aux(route, counts)
+
+    def _dispatch(self, x: torch.Tensor, route: RouterOutput, counts: torch.Tensor) -> torch.Tensor:
+        """Sort assignments by expert, run all experts at once, weight by gates, add back per token."""
+        order = torch.argsort(route.expert_ids, stable=True)  # [A]
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xc = x.to(compute_dtype)
+        if route.top_k is not None:
+            # Every token has exactly K assignments (row a belongs to token a // K): gathers whose
+            # backward is a gather, and a K-way weighted sum instead of a scatter-add.
+            k = route.top_k
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
+            xs = _Replicate.apply(xc, order, inverse, k)  # [A, D] sorted by expert
+            ys = self.experts(xs, counts, grouped=self._use_grouped())  # [A, D]
+            ys = _Permute.apply(ys, inverse, order).view(-1, k, x.shape[-1])  # [N, K, D] token-major
+            gates = route.gates.view(-1, 1, k).to(ys.dtype)  # [N, 1, K]
+            return torch.bmm(gates, ys).squeeze(1).to(x.dtype)  # [N, D]
+        tokens = route.token_ids[order]
+        ys = self.experts(xc[tokens], counts, grouped=self._use_grouped())  # [A, D]
+        ys = ys * route.gates[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, tokens, ys.to(x.dtype))  # [N, D]
+
+    def loop_reference(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """One expert at a time, no sorting: the plain version dispatch must agree with."""
+        y = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            mask = route.expert_ids == e
+            tokens = route.token_ids[mask]
+            out = self.experts.expert(e, x[tokens]) * route.gates[mask, None].to(x.dtype)
+            y = y.index_add(0, tokens, out)
+        return y
+
+    def _aux(self, route: RouterOutput, counts: torch.Tensor) -> MoEAux:
+        losses = {}
+        total = route.probs.new_zeros(())
+        if self.cfg.balance == "aux_loss" and self.cfg.router == "token_choice":
+            losses["balance_loss"] = switch_balance_loss(route.probs, counts)
+            total = total + self.cfg.aux_loss_coef * losses["balance_loss"]
+        if self.cfg.z_loss_coef > 0:
+            losses["z_loss"] = torch.logsumexp(route.logits, dim=-1).square().mean()
+            total = total + self.cfg.z_loss_coef * losses["z_loss"]
+        return MoEAux(loss=total, losses=losses, counts={"": counts.detach()})
+
+    @torch.no_grad()
+    def _count(self, route: RouterOutput, counts: torch.Tensor) -> None:
+        self.tokens_per_expert += counts
+        self.bias_counts += counts
+        self.dropped_tokens += route.dropped
+        self.seen_tokens += route.num_tokens
+
+    @torch.no_grad()
+    def stats(self, reset: bool = True) -> dict:
+        """Load shares, dropped fraction and tokens since the last reset (training mode only)."""
+        total = self.tokens_per_expert.sum()
+        assignments = self.seen_tokens * (self.cfg.top_k if self.cfg.router == "token_choice" else 1)
+        out = {
+            "load": (self.tokens_per_expert / total.clamp_min(1)).cpu(),
+            "dropped_frac": float(self.dropped_tokens / assignments.clamp_min(1)),
+            "tokens": int(self.seen_tokens),
+        }
+        if reset:
+            self.tokens_per_expert.zero_()
+            self.dropped_tokens.zero_()
+            self.seen_tokens.zero_()
+        return out
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing: nudge the selection bias of under-loaded experts up, over-loaded down."""
+        if self.cfg.balance != "bias":
+            return
+        load = self.bias_counts.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)  # every rank applies the same update
+        if load.sum() > 0:
+            step = torch.sign(load.mean() - load)
+            self.router.selection_bias += self.cfg.bias_update_rate * (step - step.mean())  # only differences matter
+        self.bias_counts.zero_()
+
+
+def switch_balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard loss E * sum_e f_e * P_e: 1 when balanced, E when all tokens go to one expert."""
+    num_experts = probs.shape[-1]
+    f = counts.float() / counts.sum().clamp_min(1)  # share of assignments per expert
+    p = probs.mean(dim=0)  # mean router probability per expert
+    return num_experts * (f * p).sum()
