@@ -11,5 +11,5 @@ fi
 # torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build on some machines.
 python -c "import torch, torchvision" 2>/dev/null || python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q -e ".[test]"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # see tests/conftest.py
 exec python -m pytest -q "$@"

@@ -61,3 +61,11 @@ def test_save_and_load_round_trip(tmp_path):
     cfg = load_config(CONFIGS / "tiny.yaml", ["model.moe.num_experts=6", "model.vocab=[red, circle]"])
     save_config(cfg, tmp_path / "c.yaml")
     assert config_to_dict(load_config(tmp_path / "c.yaml")) == config_to_dict(cfg)
+
+
+def test_string_fields_keep_yaml_keywords_from_the_command_line():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ['train.mixed_precision="no"']).train.mixed_precision == "no"
+    assert load_config(None, ["model.vae=null"]).model.vae is None
+    with pytest.raises(ConfigError, match="quote it"):
+        vidmoe.config.config_from_dict({"train": {"mixed_precision": False}})

@@ -176,8 +176,26 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+class _Override(str):
+    """A command-line value, kept as typed: a string field takes it verbatim (YAML would read `no` as false)."""
+
+    def parse(self) -> Any:
+        try:
+            return yaml.safe_load(self) if self.strip() else None
+        except yaml.YAMLError:
+            return str(self)
+
+
+def _accepts_str(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp))
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    if isinstance(value, _Override):
+        parsed = value.parse()
+        keep_text = _accepts_str(tp) and parsed is not None and not isinstance(parsed, str)
+        value = str(value) if keep_text else parsed
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         errors = []
@@ -218,7 +236,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        hint = " (YAML reads yes/no/on/off as booleans: quote it, e.g. \"no\")" if isinstance(value, bool) else ""
+        raise ConfigError(f"{where}: expected a string, got {value!r}{hint}")
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
 
@@ -264,11 +283,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+    return key.strip().split("."), _Override(raw)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -117,7 +117,7 @@ class VidMoEOutput(BaseOutput):
     """Velocity prediction and the MoE auxiliary results."""
 
     sample: torch.Tensor
-    aux: MoEAux
+    aux: MoEAux | None = None  # a default, because Accelerate rebuilds outputs field by field
 
 
 class VidMoETransformer(ModelMixin, ConfigMixin):

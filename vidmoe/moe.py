@@ -193,7 +193,9 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         """x [A, D] sorted by expert, counts [E] -> [A, D]."""
         w_in, w_out = self._weights(x.dtype)
-        if grouped and grouped_mm_supported(x, w_in, w_out):
+        # Under torch.compile the grouped kernel is traced for bf16 only.
+        traceable = x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+        if grouped and traceable and grouped_mm_supported(x, w_in, w_out):
             offsets = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
             h = _ContiguousGrad.apply(torch._grouped_mm(x, w_in, offs=offsets))  # [A, 2H]
             return _ContiguousGrad.apply(torch._grouped_mm(swiglu(h), w_out, offs=offsets))  # [A, D]

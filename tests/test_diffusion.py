@@ -1,0 +1,102 @@
+"""Rectified flow: timesteps, loss target, the sampling loop's time convention and guidance."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from vidmoe.diffusion import (add_noise, flow_loss, guided_velocity, make_scheduler, sample, sample_timesteps,
+                              to_uint8_frames)
+from vidmoe.errors import UsageError
+
+
+class OracleModel:
+    """Predicts the exact velocity (x_t - x0) / t towards a known x0, and records the t it was given."""
+
+    def __init__(self, x0):
+        self.x0, self.calls = x0, []
+
+    def __call__(self, x, t, labels=None, captions=None, drop=None):
+        self.calls.append((t.clone(), None if drop is None else drop.clone()))
+        x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1, 1)
+        return SimpleNamespace(sample=(x - x0) / t.view(-1, 1, 1, 1, 1))
+
+
+def test_logit_normal_timesteps():
+    t = sample_timesteps(20000, mean=0.5, std=1.0, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (20000,) and 0 < t.min() and t.max() < 1
+    assert abs(t.median().item() - torch.sigmoid(torch.tensor(0.5)).item()) < 0.01
+    again = sample_timesteps(20000, mean=0.5, std=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)
+
+
+def test_flow_loss_target_is_noise_minus_data():
+    x0, noise = torch.randn(3, 2, 4, 8, 8), torch.randn(3, 2, 4, 8, 8)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    xt = add_noise(x0, t, noise)
+    assert torch.allclose(xt[1], 0.5 * x0[1] + 0.5 * noise[1])
+    exact = lambda x, t, labels=None, captions=None: SimpleNamespace(sample=noise - x0)  # noqa: E731
+    loss, _ = flow_loss(exact, x0, t, noise)
+    assert loss.shape == (3,) and loss.abs().max() < 1e-12
+    zero = lambda x, t, labels=None, captions=None: SimpleNamespace(sample=torch.zeros_like(x))  # noqa: E731
+    loss, _ = flow_loss(zero, x0, t, noise)
+    assert torch.allclose(loss, ((noise - x0) ** 2).flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "heun", "dpm++"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sampling_with_exact_velocity_recovers_x0(name, shift):
+    """Passes only if the model is given t = sigma in [0, 1] (not the scheduler's 0..1000 labels)."""
+    x0 = torch.randn(2, 3, 4, 8, 8)
+    oracle = OracleModel(x0)
+    config = dict(FlowMatchEulerDiscreteScheduler(shift=shift).config)
+    out = sample(oracle, x0.shape, steps=8, guidance=3.0, scheduler_name=name, scheduler_config=config,
+                 generator=torch.Generator().manual_seed(0))
+    assert (out - x0).abs().max() < 1e-4
+    first_t, first_drop = oracle.calls[0]
+    assert torch.allclose(first_t, torch.ones_like(first_t), atol=2e-3)  # starts at pure noise
+    assert all(0 < t.min() and t.max() <= 1 for t, _ in oracle.calls)
+    assert first_drop.tolist() == [False, False, True, True]  # one batched forward: conditional, then null
+
+
+def test_guidance_mixes_conditional_and_null_predictions():
+    calls = []
+
+    def model(x, t, labels=None, captions=None, drop=None):
+        calls.append((x.shape[0], labels, captions))
+        v = torch.where(drop.view(-1, 1, 1, 1, 1), torch.full_like(x, 1.0), torch.full_like(x, 3.0))
+        return SimpleNamespace(sample=v)
+
+    x = torch.zeros(2, 1, 2, 4, 4)
+    v = guided_velocity(model, x, torch.full((2,), 0.5), torch.tensor([0, 2]), ["a", "b"], guidance=4.0)
+    assert torch.allclose(v, torch.full_like(x, 1.0 + 4.0 * (3.0 - 1.0)))
+    assert len(calls) == 1 and calls[0][0] == 4
+    assert calls[0][1].tolist() == [0, 2, 0, 2] and calls[0][2] == ["a", "b", "a", "b"]
+
+
+def test_guidance_one_is_a_single_conditional_forward():
+    seen = []
+
+    def model(x, t, labels=None, captions=None, drop=None):
+        seen.append(drop)
+        return SimpleNamespace(sample=torch.ones_like(x))
+
+    v = guided_velocity(model, torch.zeros(2, 1, 2, 4, 4), torch.full((2,), 0.5), None, None, guidance=1.0)
+    assert seen == [None] and torch.equal(v, torch.ones_like(v))
+
+
+def test_scheduler_by_name():
+    assert type(make_scheduler("euler")).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert make_scheduler("dpm++").config.prediction_type == "flow_prediction"
+    with pytest.raises(UsageError, match="unknown scheduler"):
+        make_scheduler("NoSuchScheduler")
+    with pytest.raises(UsageError, match="not a flow-matching"):
+        make_scheduler("DDPMScheduler")
+
+
+def test_to_uint8_frames():
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 4, 1, 1).expand(1, 3, 4, 1, 1)
+    frames = to_uint8_frames(x)
+    assert frames.shape == (1, 4, 1, 1, 3) and frames.dtype == torch.uint8
+    assert frames[0, :, 0, 0, 0].tolist() == [0, 128, 255, 255]

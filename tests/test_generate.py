@@ -1,0 +1,151 @@
+"""Generation: export round trip, files that decode, guidance and seeds, bad model folders."""
+
+import json
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vidmoe.cli import main
+from vidmoe.config import load_config
+from vidmoe.errors import ModelFolderError, UsageError
+from vidmoe.generate import generate, load_model_dir
+from vidmoe.model import build_model
+from vidmoe.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny model trained for a few steps and exported."""
+    out = tmp_path_factory.mktemp("gen") / "run"
+    train(load_config(TINY, [f"train.output_dir={out}", 'train.mixed_precision="no"', "train.max_steps=4",
+                             "train.checkpoint_every=0", "train.sample_every=0"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg(run_dir):
+    return load_config(run_dir / "model" / "vidmoe_config.yaml")
+
+
+def random_model(**overrides):
+    """A tiny model with every weight random, so the condition visibly changes the output."""
+    cfg = load_config(TINY, [f"{k}={v}" for k, v in overrides.items()] + ["model.vocab=[a,red,blue,circle]"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model
+
+
+def test_export_round_trip(run_dir, cfg):
+    model, loaded_cfg, vae = load_model_dir(run_dir / "model", device="cpu")
+    assert vae is None and not model.training
+    saved = load_file(run_dir / "model" / "diffusion_pytorch_model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert loaded_cfg.model.vocab and loaded_cfg.model == cfg.model
+    assert json.loads((run_dir / "model" / "scheduler" / "scheduler_config.json").read_text())["shift"] == 1.0
+
+    videos = generate(run_dir, num_videos=2, steps=3, seed=5, device="cpu")  # a run folder works too
+    t, (h, w) = cfg.model.num_frames, cfg.model.frame_size
+    assert videos.shape == (2, t, h, w, 3) and videos.dtype == torch.uint8
+    assert torch.equal(videos, generate(run_dir / "model", num_videos=2, steps=3, seed=5, device="cpu"))
+
+
+def test_seed_and_batch_size():
+    model = random_model()
+    a = generate(model, prompt="a red circle", num_videos=3, steps=2, seed=1, batch_size=3)
+    b = generate(model, prompt="a red circle", num_videos=3, steps=2, seed=1, batch_size=1)
+    c = generate(model, prompt="a red circle", num_videos=3, steps=2, seed=2)
+    assert (a.int() - b.int()).abs().max() <= 1  # the same noise per clip whatever the batching
+    assert not torch.equal(a, c)
+
+
+def test_guidance_changes_the_clips():
+    model = random_model()
+    plain = generate(model, prompt="a blue circle", label=1, num_videos=2, steps=2, guidance=1.0, seed=0)
+    guided = generate(model, prompt="a blue circle", label=1, num_videos=2, steps=2, guidance=4.0, seed=0)
+    assert (plain.int() - guided.int()).abs().float().mean() > 1.0
+
+
+def test_conditions_are_checked():
+    model = random_model(**{"model.text": "false"})
+    with pytest.raises(UsageError, match="no text conditioning"):
+        generate(model, prompt="a red circle", num_videos=1, steps=1)
+    with pytest.raises(UsageError, match="out of range"):
+        generate(model, label=7, num_videos=1, steps=1)
+    with pytest.raises(UsageError, match="2 labels for 3 clips"):
+        generate(model, label=[0, 1], num_videos=3, steps=1)
+
+
+def _decode(path: Path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return frames, float(stream.average_rate or stream.base_rate or 0)
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif", "webm"])
+def test_cli_writes_files_that_decode(run_dir, cfg, tmp_path, fmt):
+    args = ["generate", "--model", str(run_dir / "model"), "--num-videos", "2", "--steps", "2", "--seed", "3",
+            "--format", fmt, "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    files = sorted((tmp_path / "a").iterdir())
+    assert [f.name for f in files] == [f"sample_000.{fmt}", f"sample_001.{fmt}"]
+    t, (h, w), fps = cfg.model.num_frames, cfg.model.frame_size, cfg.sample.fps
+    for file in files:
+        frames, rate = _decode(file)
+        assert len(frames) == t and rate == pytest.approx(fps, rel=0.02)
+        fh, fw = frames[0].shape[:2]
+        if fmt == "gif":
+            assert (fh, fw) == (h, w)
+        else:  # small frames are upscaled by an integer factor for players
+            assert fh % h == 0 and fw % w == 0 and fh // h == fw // w and fh >= 128
+        again, _ = _decode(tmp_path / "b" / file.name)
+        assert all((x == y).all() for x, y in zip(frames, again))  # same seed, same clips
+        if fmt != "webm":  # WebM (Matroska) stamps each file with a random segment id
+            assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes()
+
+
+def test_png_grid(run_dir, cfg, tmp_path):
+    assert main(["generate", "--model", str(run_dir / "model"), "--num-videos", "2", "--steps", "2",
+                 "--format", "png", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    frames, _ = _decode(tmp_path / "grid.png")
+    t, (h, w) = cfg.model.num_frames, cfg.model.frame_size
+    assert len(frames) == 1 and frames[0].shape[:2] == (2 * (h + 1) - 1, t * (w + 1) - 1)
+
+
+def test_not_a_model_folder(tmp_path, capsys):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        load_model_dir(tmp_path / "missing")
+    with pytest.raises(ModelFolderError, match="not a vidmoe model folder"):
+        load_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (tmp_path / "vidmoe_config.yaml").write_text("{}\n")
+    with pytest.raises(ModelFolderError, match="UNet2DModel"):
+        load_model_dir(tmp_path)
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vidmoe generate: error:")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--minutes", "0.2", "--config", str(TINY)]) == 0
+    printed = capsys.readouterr().out
+    assert "[demo 1/3]" in printed and "Where everything is" in printed
+    assert (out / "train" / "model" / "config.json").is_file()
+    assert sorted(p.name for p in (out / "samples").glob("sample_*.mp4")) == [f"sample_{i:03d}.mp4" for i in range(8)]
+    assert len((out / "samples" / "prompts.txt").read_text().splitlines()) == 8
+    frames, _ = _decode(out / "samples" / "grid.gif")
+    assert len(frames) == load_config(TINY).model.num_frames
+    assert main(["demo", "--out", str(out), "--minutes", "0.2", "--config", str(TINY)]) == 2  # never overwrites

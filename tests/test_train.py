@@ -1,0 +1,207 @@
+"""Training: the loss goes down, checkpoints are atomic and complete, resume continues exactly."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vidmoe.cli import main
+from vidmoe.config import load_config
+from vidmoe.data import build_dataset, collate
+from vidmoe.errors import UsageError
+from vidmoe.model import build_model
+from vidmoe.train import (COMPLETE_MARKER, EpochBatchSampler, find_checkpoint, list_checkpoints, train,
+                          training_loss, zero_nonfinite_grads)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+FP32 = 'train.mixed_precision="no"'  # quoted: YAML reads a bare no as false
+
+
+def tiny_overrides(out: Path, *extra: str) -> list[str]:
+    return [f"train.output_dir={out}", FP32, "train.sample_every=0", *extra]
+
+
+def tiny(out: Path, *extra: str):
+    return load_config(TINY, tiny_overrides(out, *extra))
+
+
+def log_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    def batches(**kw):
+        return list(EpochBatchSampler(20, batch_size=3, seed=7, **kw))
+
+    epoch0 = batches(epoch=0)
+    assert len(epoch0) == 6 and epoch0 == batches(epoch=0)
+    assert epoch0 != batches(epoch=1)
+    assert batches(epoch=0, start=4) == epoch0[4:]  # resume skips by index
+    ranks = [batches(epoch=0, rank=r, num_processes=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    seen = [i for rank in ranks for batch in rank for i in batch]
+    assert len(seen) == len(set(seen)) == 18  # disjoint shards, the incomplete last batch dropped
+
+
+def test_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = load_config(TINY, ["model.cond_dropout=0.0"])
+    data = build_dataset(cfg, "train")
+    cfg.model.vocab = data.vocabulary()
+    batch = collate([data[0], data[1]])
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        torch.manual_seed(123)  # the same timesteps and noise every step: a pure memorisation task
+        loss, flow, _ = training_loss(model, batch["video"], batch["label"], batch["caption"], cfg.train)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(flow.item())
+    assert sum(losses[-5:]) / 5 < losses[0] / 3
+
+
+def test_accelerate_autocasts_to_bf16_on_cpu():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        layer = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+        dtypes = []
+        layer[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        out = layer(torch.randn(2, 8))
+        assert dtypes == [torch.bfloat16] and out.dtype == torch.float32
+    finally:
+        AcceleratorState._reset_state()
+
+
+def test_nonfinite_gradients_become_zero_after_clipping():
+    good, bad = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    good.grad, bad.grad = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([float("nan"), 1.0])
+    norm = torch.nn.utils.clip_grad_norm_([good, bad], 1.0)
+    zero_nonfinite_grads([good, bad])
+    assert not torch.isfinite(norm)
+    assert torch.equal(good.grad, torch.zeros(3)) and torch.equal(bad.grad, torch.zeros(2))
+    good.grad = torch.tensor([0.3, 0.4, 0.0])
+    zero_nonfinite_grads([good])
+    assert torch.equal(good.grad, torch.tensor([0.3, 0.4, 0.0]))
+
+
+def _fake_checkpoint(path: Path, step: int, complete: bool = True) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (path / COMPLETE_MARKER).write_text("")
+    return path
+
+
+def test_find_checkpoint_skips_incomplete_folders(tmp_path):
+    _fake_checkpoint(tmp_path / "checkpoint-5", 5)
+    _fake_checkpoint(tmp_path / "checkpoint-20", 20)
+    _fake_checkpoint(tmp_path / "checkpoint-30", 30, complete=False)
+    _fake_checkpoint(tmp_path / ".tmp-checkpoint-40", 40)
+    complete, incomplete = list_checkpoints(tmp_path)
+    assert [step for step, _ in complete] == [5, 20]
+    assert {p.name for p in incomplete} == {"checkpoint-30", ".tmp-checkpoint-40"}
+    reports = []
+    assert find_checkpoint(tmp_path, "latest", report=reports.append) == tmp_path / "checkpoint-20"
+    assert len(reports) == 2 and any("checkpoint-30" in r for r in reports)
+    assert find_checkpoint(tmp_path, str(tmp_path / "checkpoint-5")) == tmp_path / "checkpoint-5"
+    with pytest.raises(UsageError, match="not a complete checkpoint"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoint-30"))
+    assert find_checkpoint(tmp_path / "empty", "latest", report=reports.append) is None
+
+
+def test_existing_run_without_resume_is_refused(tmp_path, capsys):
+    _fake_checkpoint(tmp_path / "run" / "checkpoint-10", 10)
+    assert main(["train", "--config", str(TINY), *tiny_overrides(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume latest" in err[0]
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_latest_and_ignore_half_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=10", "train.sample_every=5"))
+    checkpoint = run / "checkpoint-10"
+    assert (checkpoint / COMPLETE_MARKER).is_file()
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json",
+            "vidmoe_config.yaml"} <= {p.name for p in checkpoint.iterdir()}
+    model = run / "model"
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "vidmoe_config.yaml"} <= {
+        p.name for p in model.iterdir()}
+    assert (model / "scheduler" / "scheduler_config.json").is_file()
+    assert log_steps(run) == [5, 10]
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "lr", "grad_norm", "clips_per_s", "time"} <= set(record) and record["loss"] > 0
+    assert any(k.startswith("aux/") for k in record)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000005.gif", "step-0000010.gif"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "clips_per_s", "moe/blocks.0.spatial/max_load",
+            "moe/blocks.0.temporal/dropped_frac"} <= tags
+
+    # A save that died half-way: a checkpoint folder without its marker, and a temporary folder.
+    half = run / "checkpoint-12"
+    half.mkdir()
+    shutil.copy(checkpoint / "model.safetensors", half / "model.safetensors")
+    (run / ".tmp-checkpoint-14").mkdir()
+    capsys.readouterr()
+    overrides = tiny_overrides(run, "train.max_steps=15")
+    assert main(["train", "--config", str(TINY), *overrides, "--resume", "latest"]) == 0
+    err = capsys.readouterr().err
+    assert "ignoring" in err and "checkpoint-12" in err and "resumed from" in err and "step 10" in err
+    state = json.loads((run / "checkpoint-15" / "trainer_state.json").read_text())
+    assert state["step"] == 15
+    assert [step for step, _ in list_checkpoints(run)[0]] == [10, 15]  # keep_checkpoints: 2
+    assert not (run / ".tmp-checkpoint-14").exists()
+    assert log_steps(run) == [5, 10, 15]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    """N+M steps in one go and N steps resumed to N+M give the same weights, EMA and losses."""
+    # A constant schedule (after a warmup that spans the resume point), so stopping at N needs no
+    # other max_steps-independent stop; the data epoch (16 clips per epoch) ends in between too.
+    common = ["train.lr_schedule=constant_with_warmup", "train.warmup_steps=8", "train.checkpoint_every=0",
+              "train.log_every=1", "data.num_clips=16"]
+    train(tiny(tmp_path / "a", "train.max_steps=10", *common))
+    train(tiny(tmp_path / "b", "train.max_steps=6", *common))
+    train(tiny(tmp_path / "b", "train.max_steps=10", *common), resume="latest")
+    for file in ("checkpoint-10/model.safetensors", "model/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / file), load_file(tmp_path / "b" / file)
+        assert a.keys() == b.keys()
+        assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6, file
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "log.jsonl").read_text().splitlines()]
+              for r in "ab"]
+    assert len(losses[0]) == 10 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_time_budget_stops_early_and_still_exports(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=100000", "train.time_budget_minutes=0.0001", "train.grad_accum=2"))
+    (step, checkpoint), = list_checkpoints(run)[0]
+    assert step < 100000
+    assert (run / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_trains_in_bf16_with_gradient_accumulation(tmp_path):
+    run = tmp_path / "run"
+    train(load_config(TINY, [f"train.output_dir={run}", "train.mixed_precision=bf16", "train.max_steps=4",
+                             "train.grad_accum=2", "train.log_every=2", "train.checkpoint_every=0"]))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 for r in records)

@@ -1,0 +1,197 @@
+"""Rectified flow: the training loss, timestep sampling, and sampling with classifier-free guidance.
+
+Convention (the model's): x_t = (1 - t) * x0 + t * noise with t in [0, 1], t = 1 pure noise; the
+model predicts the velocity v = dx_t/dt = noise - x0. diffusers' flow-matching schedulers use the
+same path with sigma = t, but label their steps ``timesteps = sigma * num_train_timesteps``; the
+sampling loop divides by ``num_train_timesteps`` before calling the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError
+from .errors import UsageError
+
+# Short names for the flow schedulers a user is likely to want; any diffusers scheduler class
+# name is accepted as well.
+SCHEDULER_ALIASES = {
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "FlowMatchHeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+DEFAULT_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+
+
+def sample_timesteps(n: int, mean: float = 0.0, std: float = 1.0, generator: Optional[torch.Generator] = None,
+                     device: Optional[torch.device | str] = None) -> torch.Tensor:
+    """Logit-normal timesteps [n] in (0, 1) (SD3): sigmoid of a normal draw, mid noise levels favoured."""
+    draw_device = generator.device if generator is not None else device
+    t = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=draw_device))
+    return t if device is None else t.to(device)
+
+
+def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise, with t [B] broadcast over the other dimensions."""
+    t = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * noise
+
+
+def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+              labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None):
+    """Velocity-matching loss per sample [B] (mean over C, T, H, W) and the model's output."""
+    out = model(add_noise(x0, t, noise), t, labels=labels, captions=captions)
+    target = noise - x0
+    per_sample = F.mse_loss(out.sample.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return per_sample, out
+
+
+def scheduler_class(name: Optional[str] = None):
+    """The diffusers scheduler class for a name: an alias above or a diffusers class name."""
+    import diffusers
+
+    name = name or DEFAULT_SCHEDULER
+    class_name = SCHEDULER_ALIASES.get(name.lower(), name)
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        raise UsageError(f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers "
+                         f"flow scheduler class name such as {DEFAULT_SCHEDULER}")
+    return cls
+
+
+def make_scheduler(name: Optional[str] = None, config: Optional[dict] = None, shift: float = 1.0):
+    """A flow-matching scheduler by name, from a saved scheduler config when one is given."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cls = scheduler_class(name)
+    base = dict(config) if config else dict(FlowMatchEulerDiscreteScheduler(shift=shift).config)
+    init_keys = inspect.signature(cls.__init__).parameters
+    if "use_flow_sigmas" in init_keys:
+        # Multistep solvers (DPM-Solver++, UniPC) follow the flow path only when told to.
+        base.update(use_flow_sigmas=True, prediction_type="flow_prediction",
+                    flow_shift=base.get("shift", shift), final_sigmas_type="zero")
+    elif "FlowMatch" not in cls.__name__:
+        raise UsageError(f"scheduler '{name}' is not a flow-matching scheduler; use one of "
+                         f"{', '.join(SCHEDULER_ALIASES)} or a FlowMatch* class name")
+    return cls.from_config({k: v for k, v in base.items() if k in init_keys})
+
+
+def guided_velocity(model: Callable, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
+                    captions: Optional[Sequence[str]], guidance: float) -> torch.Tensor:
+    """The velocity at (x, t), with classifier-free guidance from one batched forward pass."""
+    if guidance == 1.0:
+        return model(x, t, labels=labels, captions=captions).sample.float()
+    b = x.shape[0]
+    drop = torch.tensor([False] * b + [True] * b, device=x.device)
+    out = model(torch.cat([x, x]), torch.cat([t, t]),
+                labels=None if labels is None else torch.cat([labels, labels]),
+                captions=None if captions is None else list(captions) * 2, drop=drop).sample.float()
+    cond, uncond = out[:b], out[b:]
+    return uncond + guidance * (cond - uncond)
+
+
+def _module_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor] = None,
+           captions: Optional[Sequence[str]] = None, steps: int = 30, guidance: float = 3.0,
+           scheduler_name: Optional[str] = None, generator: Optional[torch.Generator] = None, *,
+           noise: Optional[torch.Tensor] = None, scheduler_config: Optional[dict] = None,
+           device: Optional[torch.device | str] = None) -> torch.Tensor:
+    """Integrate the flow from noise (t = 1) to data (t = 0); returns x0 float [B, C, T, H, W].
+
+    ``noise`` overrides the draw from ``generator`` (drawn on the generator's device, then moved,
+    so a CPU generator gives the same clips on any device).
+    """
+    device = torch.device(device) if device is not None else _module_device(model)
+    if noise is None:
+        noise = torch.randn(tuple(shape), generator=generator,
+                            device=generator.device if generator is not None else "cpu")
+    x = noise.to(device=device, dtype=torch.float32)
+    if labels is not None:
+        labels = labels.to(device)
+    scheduler = make_scheduler(scheduler_name, scheduler_config)
+    scheduler.set_timesteps(steps, device=device)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    # The model's t is the scheduler's sigma. Multistep solvers round their timestep labels to
+    # integers, so read sigma itself where the schedule lists one per timestep (plus the final 0).
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
+        noise_levels = sigmas[:-1]
+    else:
+        noise_levels = scheduler.timesteps / float(scheduler.config.num_train_timesteps)
+    for timestep, level in zip(scheduler.timesteps, noise_levels):
+        t = level.to(device=device, dtype=torch.float32).expand(x.shape[0])
+        v = guided_velocity(model, x, t, labels, captions, guidance)
+        x = scheduler.step(v, timestep, x, return_dict=False, **step_kwargs)[0]
+    return x
+
+
+def to_uint8_frames(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1], [B, C, T, H, W] -> uint8 [B, T, H, W, C]."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).contiguous()  # [B, C, T, H, W] -> [B, T, H, W, C]
+
+
+# Latent space: a frozen diffusers AutoencoderKL applied frame by frame.
+
+
+def load_vae(model_cfg, device: torch.device | str = "cpu"):
+    """The frozen AutoencoderKL of a latent-space model, checked against the config."""
+    from diffusers import AutoencoderKL
+
+    path = Path(model_cfg.vae)
+    if not path.is_dir():
+        raise ConfigError(f"model.vae: {path} is not a folder holding a diffusers AutoencoderKL")
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ConfigError(f"model.vae: cannot load an AutoencoderKL from {path}: {str(err).splitlines()[0]}") from None
+    check_vae(vae, model_cfg)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def check_vae(vae, model_cfg) -> None:
+    """ConfigError unless the VAE's channels and downsampling are those the config sizes the model for."""
+    channels = vae.config.latent_channels
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if channels != model_cfg.vae_channels or scale != model_cfg.vae_scale:
+        raise ConfigError(f"model.vae has {channels} latent channels and downsamples {scale}x, but the config says "
+                          f"model.vae_channels={model_cfg.vae_channels}, model.vae_scale={model_cfg.vae_scale}; "
+                          "set them to match the VAE")
+    if vae.config.in_channels != model_cfg.in_channels:
+        raise ConfigError(f"model.vae takes {vae.config.in_channels}-channel frames but model.in_channels="
+                          f"{model_cfg.in_channels}")
+
+
+@torch.no_grad()
+def vae_encode(vae, video: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, C, T, H, W] in [-1, 1] -> scaled latents [B, c, T, h, w], one frame at a time."""
+    b, _, t = video.shape[:3]
+    frames = video.transpose(1, 2).flatten(0, 1).to(vae.dtype)  # [B, C, T, H, W] -> [B*T, C, H, W]
+    z = vae.encode(frames).latent_dist.sample()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = (z - shift) * vae.config.scaling_factor
+    return z.unflatten(0, (b, t)).transpose(1, 2).float()  # [B*T, c, h, w] -> [B, c, T, h, w]
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents [B, c, T, h, w] -> pixels [B, C, T, H, W] in about [-1, 1]."""
+    b, _, t = latents.shape[:3]
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents.transpose(1, 2).flatten(0, 1) / vae.config.scaling_factor + shift  # -> [B*T, c, h, w]
+    frames = vae.decode(z.to(vae.dtype)).sample
+    return frames.unflatten(0, (b, t)).transpose(1, 2).float()  # [B*T, C, H, W] -> [B, C, T, H, W]

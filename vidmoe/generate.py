@@ -1,0 +1,202 @@
+"""Generation: load an exported model folder, sample clips with guidance, write video files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import Config, ConfigError, load_config
+from .diffusion import load_vae, sample, to_uint8_frames, vae_decode
+from .errors import ModelFolderError, UsageError
+
+CONFIG_FILE = "vidmoe_config.yaml"
+VIDEO_FORMATS = ("mp4", "gif", "webm")
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model folder itself; a run folder (holding model/) is accepted too."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFolderError(f"{path} does not exist; pass the model/ folder of a training run (runs/NAME/model)")
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"
+    missing = [name for name in ("config.json", CONFIG_FILE) if not (path / name).is_file()]
+    if missing:
+        raise ModelFolderError(f"{path} is not a vidmoe model folder (no {' or '.join(missing)}); pass the model/ "
+                               "folder that 'vidmoe train' exports, e.g. runs/NAME/model")
+    try:
+        class_name = json.loads((path / "config.json").read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelFolderError(f"{path / 'config.json'} is not a valid model config (not JSON)") from None
+    if class_name != "VidMoETransformer":
+        raise ModelFolderError(f"{path} holds a {class_name or 'unknown'} model, not a vidmoe VidMoETransformer")
+    return path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_dir(path: str | Path, device: Optional[torch.device | str] = None):
+    """(model in eval mode, Config, VAE or None) from an exported folder; ModelFolderError if it is not one."""
+    from .model import VidMoETransformer
+
+    path = resolve_model_dir(path)
+    device = torch.device(device) if device is not None else default_device()
+    try:
+        cfg = load_config(path / CONFIG_FILE)
+    except ConfigError as err:
+        raise ModelFolderError(f"{path / CONFIG_FILE}: {err}") from None
+    try:
+        model = VidMoETransformer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise ModelFolderError(f"cannot load the model weights in {path}: {str(err).splitlines()[0]}") from None
+    vae = None
+    if cfg.model.vae:
+        cfg.model.vae = str(path / "vae") if (path / "vae").is_dir() else cfg.model.vae
+        try:
+            vae = load_vae(cfg.model, device)
+        except ConfigError as err:
+            raise ModelFolderError(f"{path}: the model's VAE cannot be loaded: {err}") from None
+    return model.to(device).eval(), cfg, vae
+
+
+def _scheduler_config(model_dir: Path) -> Optional[dict]:
+    """The scheduler settings saved with the model (its shift), if any."""
+    file = model_dir / "scheduler" / "scheduler_config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _per_clip(value, n: int, name: str) -> Optional[list]:
+    """One value for every clip, a list of n values, or None."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise UsageError(f"got {len(values)} {name}s for {n} clips; give one, or one per clip")
+    return values
+
+
+def _conditions(cfg: Config, prompt, label, n: int):
+    """Captions and labels for n clips, checked against what the model was trained to take."""
+    m = cfg.model
+    prompts, labels = _per_clip(prompt, n, "prompt"), _per_clip(label, n, "label")
+    if prompts is not None and not (m.text or m.text_encoder):
+        raise UsageError("this model has no text conditioning (model.text is false); use --label or no prompt")
+    for value in labels or []:
+        if not 0 <= int(value) < m.num_classes:
+            raise UsageError(f"label {value} is out of range: this model has "
+                             + (f"classes 0..{m.num_classes - 1}" if m.num_classes else "no class conditioning"))
+    if prompts is not None and m.text and not m.text_encoder and m.vocab:
+        from .text import words
+
+        unknown = sorted({w for p in prompts for w in words(p)} - set(m.vocab))
+        if unknown:
+            print(f"vidmoe generate: words the model never saw are ignored: {', '.join(unknown)}", file=sys.stderr)
+    return prompts, None if labels is None else torch.tensor([int(v) for v in labels], dtype=torch.long)
+
+
+@torch.no_grad()
+def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label: Optional[int | list[int]] = None,
+             num_videos: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0, *,
+             scheduler: Optional[str] = None,
+             batch_size: Optional[int] = None, device: Optional[torch.device | str] = None,
+             out: Optional[str | Path] = None, format: Optional[str] = None, fps: Optional[int] = None,
+             vae=None) -> torch.Tensor:
+    """Sample clips: uint8 [N, T, H, W, C] on the CPU; also written to ``out`` when given.
+
+    ``prompt`` and ``label`` are one value for all clips or a list with one per clip; None is the
+    null condition. ``model_dir_or_model`` is an exported folder or a VidMoETransformer (then ``vae`` for a latent
+    model). The noise of all clips is drawn at once from ``seed``, so the clips do not depend on
+    ``batch_size`` or the device.
+    """
+    scheduler_config = None
+    if isinstance(model_dir_or_model, (str, Path)):
+        model, cfg, vae = load_model_dir(model_dir_or_model, device)
+        scheduler_config = _scheduler_config(resolve_model_dir(model_dir_or_model))
+    else:
+        model = model_dir_or_model
+        cfg = Config(model=model.model_config)
+        if device is not None:
+            model.to(device)
+    if num_videos < 1 or steps < 1:
+        raise UsageError("--num-videos and --steps must be at least 1")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    m = cfg.model
+    captions, labels = _conditions(cfg, prompt, label, num_videos)
+    shape = (num_videos, m.latent_channels, m.num_frames, *m.latent_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    batch_size = batch_size or min(num_videos, 8)
+    clips = []
+    try:
+        for start in range(0, num_videos, batch_size):
+            chunk = slice(start, start + batch_size)
+            x = sample(model, noise[chunk].shape, labels=None if labels is None else labels[chunk],
+                       captions=None if captions is None else captions[chunk], steps=steps, guidance=guidance,
+                       scheduler_name=scheduler or cfg.sample.scheduler, noise=noise[chunk],
+                       scheduler_config=scheduler_config, device=device)
+            if vae is not None:
+                x = vae_decode(vae, x)
+            clips.append(to_uint8_frames(x).cpu())
+    finally:
+        model.train(was_training)
+    videos = torch.cat(clips)
+    if out is not None:
+        save_videos(videos, out, format or cfg.sample.format, fps or cfg.sample.fps)
+    return videos
+
+
+def save_videos(videos: torch.Tensor, out: str | Path, format: str = "mp4", fps: int = 8) -> list[Path]:
+    """Write clips uint8 [N, T, H, W, C]: one file per clip (mp4, gif, webm) or one PNG grid of frames (png)."""
+    from .video_io import save_frame_grid, write_video
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if format == "png":
+        return [save_frame_grid(out / "grid.png", videos)]
+    if format not in VIDEO_FORMATS:
+        raise UsageError(f"unknown format '{format}'; use one of mp4, gif, webm, png")
+    return [write_video(out / f"sample_{i:03d}.{format}", clip, fps=fps) for i, clip in enumerate(videos)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported model folder (runs/NAME/model)")
+    parser.add_argument("--prompt", help="text prompt (models trained with captions)")
+    parser.add_argument("--label", type=int, help="class label (models trained with classes)")
+    parser.add_argument("--num-videos", type=int, help="clips to generate (default: the model's sample.num_videos)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: sample.steps)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 = none (default: sample.guidance)")
+    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same clips (default: sample.seed)")
+    parser.add_argument("--out", default="generated", help="output folder (default: generated)")
+    parser.add_argument("--format", choices=("mp4", "gif", "webm", "png"), help="file format (default: sample.format)")
+    parser.add_argument("--fps", type=int, help="frames per second of the files (default: sample.fps)")
+    parser.add_argument("--scheduler", help="euler, heun, dpm++, unipc or a diffusers flow scheduler class name")
+    parser.add_argument("--batch-size", type=int, help="clips per forward pass (default: up to 8)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def main(args: argparse.Namespace) -> int:
+    model_dir = resolve_model_dir(args.model)
+    try:
+        s = load_config(model_dir / CONFIG_FILE).sample  # the defaults the model was trained with
+    except ConfigError as err:
+        raise ModelFolderError(f"{model_dir / CONFIG_FILE}: {err}") from None
+
+    def pick(value, default):
+        return default if value is None else value
+
+    videos = generate(model_dir, prompt=args.prompt, label=args.label, num_videos=pick(args.num_videos, s.num_videos),
+                      steps=pick(args.steps, s.steps), guidance=pick(args.guidance, s.guidance),
+                      seed=pick(args.seed, s.seed), scheduler=pick(args.scheduler, s.scheduler),
+                      batch_size=args.batch_size, device=args.device)
+    paths = save_videos(videos, args.out, pick(args.format, s.format), pick(args.fps, s.fps))
+    print(f"wrote {len(paths)} file(s) to {args.out}: {', '.join(p.name for p in paths[:4])}"
+          + (" ..." if len(paths) > 4 else ""))
+    return 0

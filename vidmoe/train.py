@@ -1,0 +1,678 @@
+"""Training: rectified flow through Accelerate, with atomic checkpoints, exact resume and a final export.
+
+A run folder (``train.output_dir``) holds:
+    checkpoint-STEP/   Accelerate state (model, optimizer, LR schedule, EMA, RNG) + trainer_state.json
+                       + the resolved config; COMPLETE is written last, and the folder only appears
+                       under this name by an atomic rename of .tmp-checkpoint-STEP
+    model/             the export: EMA weights (save_pretrained), vidmoe_config.yaml, scheduler/, vae/
+    log.jsonl          one line per log step: step, wall seconds, loss, lr, ...
+    tensorboard/       the same numbers plus per-layer expert load, for TensorBoard
+    samples/           a gif grid every train.sample_every steps
+
+Data order is a function of (data.seed, epoch), so resuming skips the consumed batches by index
+without decoding them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import ProjectConfiguration, broadcast, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .config import Config, ConfigError, config_to_dict, load_config, save_config
+from .diffusion import flow_loss, load_vae, make_scheduler, sample, sample_timesteps, to_uint8_frames, vae_decode, \
+    vae_encode
+from .errors import DataError, UsageError
+from .model import build_model
+from .precision import resolve_mixed_precision
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-"
+COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "vidmoe_config.yaml"
+# Set to 1 to have every process write a checksum of its parameters at the end (tests compare them).
+RANK_CHECKSUM_ENV = "VIDMOE_RANK_CHECKSUMS"
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 63-bit seed for one epoch's shuffle."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def batches_per_epoch(num_items: int, batch_size: int, num_processes: int) -> int:
+    """Global batches in one epoch; the last incomplete one is dropped so every rank gets equal work."""
+    return num_items // (batch_size * num_processes)
+
+
+class EpochBatchSampler(Sampler):
+    """One process's batches of one epoch: a permutation fixed by (seed, epoch), cut into global batches.
+
+    Global batch i is ``perm[i*G:(i+1)*G]`` with G = batch_size * num_processes; rank r takes its
+    slice ``[r*batch_size:(r+1)*batch_size]``. ``start`` skips the first batches by index.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, num_processes: int = 1):
+        self.num_items, self.batch_size, self.seed, self.epoch = num_items, batch_size, seed, epoch
+        self.start, self.rank, self.num_processes = start, rank, num_processes
+        self.num_batches = batches_per_epoch(num_items, batch_size, num_processes)
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.num_items, generator=generator)
+        global_batch = self.batch_size * self.num_processes
+        for i in range(self.start, self.num_batches):
+            first = i * global_batch + self.rank * self.batch_size
+            yield perm[first:first + self.batch_size].tolist()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    name = path.name
+    if not name.startswith(CHECKPOINT_PREFIX):
+        return None
+    suffix = name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if suffix.isdigit() else None
+
+
+def list_checkpoints(output_dir: str | Path) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """Complete checkpoints sorted by step, and folders that look like checkpoints but are not complete."""
+    output_dir = Path(output_dir)
+    complete, incomplete = [], []
+    if not output_dir.is_dir():
+        return complete, incomplete
+    for path in sorted(output_dir.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(TMP_PREFIX + CHECKPOINT_PREFIX):
+            incomplete.append(path)
+            continue
+        step = checkpoint_step(path)
+        if step is None:
+            continue
+        if (path / COMPLETE_MARKER).is_file() and (path / STATE_FILE).is_file():
+            complete.append((step, path))
+        else:
+            incomplete.append(path)
+    complete.sort()
+    return complete, incomplete
+
+
+def find_checkpoint(output_dir: str | Path, resume: Optional[str], report=print) -> Optional[Path]:
+    """The checkpoint to resume from: ``latest`` (or None if there is none), or a given folder."""
+    if resume is None:
+        return None
+    complete, incomplete = list_checkpoints(output_dir)
+    for path in incomplete:
+        report(f"ignoring {path}: incomplete checkpoint (no {COMPLETE_MARKER} marker; "
+               "its save was probably interrupted)")
+    if resume == "latest":
+        if not complete:
+            report(f"no complete checkpoint in {output_dir}; starting from step 0")
+            return None
+        return complete[-1][1]
+    path = Path(resume)
+    if not (path / COMPLETE_MARKER).is_file() or not (path / STATE_FILE).is_file():
+        raise UsageError(f"{path} is not a complete checkpoint folder (expected {COMPLETE_MARKER} and {STATE_FILE} "
+                         "in it); pass --resume latest or a checkpoint-STEP folder of a run")
+    return path
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, so a rename after it publishes only whole files."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a folder so that an interruption never leaves a half-deleted folder under its real name."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Put a finished folder in place by renames: fsync it, move an old ``final`` aside, rename, delete the old."""
+    fsync_tree(tmp)
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def model_inputs(batch: dict, model_cfg, device: torch.device, vae=None):
+    """A collated batch -> (x0 [B, C, T, H, W] in the model's space, labels or None, captions or None)."""
+    x0 = batch["video"].to(device, non_blocking=True)
+    if vae is not None:
+        x0 = vae_encode(vae, x0)
+    labels = batch["label"].to(device).long() if model_cfg.num_classes > 0 else None
+    captions = list(batch["caption"]) if model_cfg.text or model_cfg.text_encoder else None
+    return x0, labels, captions
+
+
+def training_loss(model, x0: torch.Tensor, labels, captions, train_cfg):
+    """Rectified-flow loss on one batch plus the MoE auxiliary losses: (total, flow loss, model output)."""
+    t = sample_timesteps(x0.shape[0], train_cfg.timestep_mean, train_cfg.timestep_std, device=x0.device)
+    noise = torch.randn_like(x0)
+    per_sample, out = flow_loss(model, x0, t, noise, labels=labels, captions=captions)
+    flow = per_sample.mean()
+    return flow + out.aux.loss, flow, out
+
+
+def zero_nonfinite_grads(params: list[torch.nn.Parameter]) -> None:
+    """Turn a non-finite gradient into zeros without a host sync.
+
+    Clipping by a NaN or infinite norm spreads NaN to every gradient, so after clipping a bad step
+    has all-zero gradients and leaves the weights alone, while a good step is unchanged.
+    """
+    for param in params:
+        if param.grad is not None:
+            param.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+
+def parameter_checksum(model: torch.nn.Module) -> dict:
+    """Exact fingerprint of a model's parameters (sha256 of their bytes) and their sum, for comparisons."""
+    digest = hashlib.sha256()
+    total = 0.0
+    for name, param in sorted(model.named_parameters()):
+        data = param.detach().float().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(data.numpy().tobytes())
+        total += float(data.double().sum())
+    return {"sha256": digest.hexdigest(), "sum": total}
+
+
+def _flat_hparams(cfg: Config) -> dict:
+    """The config as flat scalars for TensorBoard's hparams table."""
+    flat = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(f"{prefix}.{key}" if prefix else key, value)
+        elif isinstance(node, (bool, int, float, str)):
+            flat[prefix] = node
+        elif isinstance(node, list) and len(node) > 20:
+            flat[prefix] = f"[{len(node)} items]"
+        else:
+            flat[prefix] = str(node)
+
+    visit("", config_to_dict(cfg))
+    return flat
+
+
+def _accelerator_available() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
+def format_duration(seconds: float) -> str:
+    """4m07s."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """What a checkpoint adds to Accelerate's state: where the run is."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches of this epoch already consumed
+    elapsed_seconds: float = 0.0  # training wall time of earlier sessions of this run
+    global_batch: int = 0  # clips per global micro-batch when saved (to convert the position)
+
+
+class Trainer:
+    """One run: Accelerator, model, optimizer, LR schedule, EMA and data; ``fit()`` trains and exports."""
+
+    def __init__(self, cfg: Config):
+        from .data import build_dataset
+
+        self.cfg, tc = cfg, cfg.train
+        self.out = Path(tc.output_dir)
+        self.started = time.monotonic()
+        if not torch.distributed.is_initialized():
+            # A second run in one Python process (a notebook, the tests) may ask for another precision.
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.accelerator = acc = Accelerator(
+            # Without an accelerator device, say so: Accelerate forms a CPU process group (gloo)
+            # under torchrun only when told it runs on the CPU.
+            cpu=not _accelerator_available(),
+            mixed_precision=resolve_mixed_precision(tc.mixed_precision, device_type),
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out)),
+            # We step the LR schedule once per optimizer step; Accelerate would step it once per process.
+            step_scheduler_with_optimizer=False,
+            # An expert that receives no token in a step has no gradient.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.is_main = acc.is_main_process
+        set_seed(tc.seed)  # the same initial weights on every process
+
+        self.dataset = build_dataset(cfg, "train")
+        self._check_data()
+        self.vae = load_vae(cfg.model, acc.device) if cfg.model.vae else None
+        model = build_model(cfg.model).train()
+        self.counts = model.parameter_counts()
+        if tc.compile:
+            model.compile()  # in place, so the state_dict keys stay those of the plain model
+        self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, *self._optimizer_and_schedule(model))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = EMAModel(self.params, decay=tc.ema_decay, foreach=True)
+        self.ema.to(acc.device)
+        acc.register_for_checkpointing(self.ema)
+
+        set_seed(tc.seed, device_specific=True)  # different noise and dropout on each process
+        self.state = TrainerState(global_batch=tc.batch_size * acc.num_processes)
+        self.sample_conditions = self._sample_conditions()
+        self.last_saved_step = -1
+
+    # -- setup
+
+    def _check_data(self) -> None:
+        """Fill the vocabulary from the captions; fail early on data the model cannot take."""
+        cfg, data = self.cfg, self.dataset
+        needed = cfg.train.batch_size * self.accelerator.num_processes
+        if len(data) < needed:
+            raise DataError(f"{cfg.data.source} gives {len(data)} clips, fewer than one batch of {needed} "
+                            "(train.batch_size x processes); add clips or lower train.batch_size")
+        if cfg.model.text and not cfg.model.text_encoder and not cfg.model.vocab:
+            cfg.model.vocab = list(data.vocabulary())
+        num_classes = int(getattr(data, "num_classes", 0) or 0)
+        if cfg.model.num_classes and num_classes > cfg.model.num_classes:
+            raise ConfigError(f"the data has {num_classes} classes but model.num_classes={cfg.model.num_classes}")
+
+    def _optimizer_and_schedule(self, model: torch.nn.Module):
+        tc = self.cfg.train
+        # Weight decay on matrices only, not on norms, biases and gains.
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tc.lr, betas=tuple(tc.betas))
+        try:
+            schedule = get_scheduler(tc.lr_schedule, optimizer, num_warmup_steps=tc.warmup_steps,
+                                     num_training_steps=tc.max_steps)
+        except ValueError as err:
+            raise ConfigError(f"train.lr_schedule: {err}") from None
+        return optimizer, schedule
+
+    def _sample_conditions(self) -> tuple[list[str], torch.Tensor]:
+        """Captions and labels of the first clips, reused by every periodic sample so they compare."""
+        n = self.cfg.sample.num_videos if self.cfg.train.sample_every else 0
+        items = [self.dataset[i % len(self.dataset)] for i in range(n)]
+        return [item["caption"] for item in items], torch.tensor([int(item["label"]) for item in items])
+
+    # -- checkpoints and export
+
+    def resume_from(self, path: Path) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        saved, current = config_to_dict(load_config(path / CONFIG_FILE).model), config_to_dict(cfg.model)
+        if saved != current:
+            key = next(k for k in saved if saved[k] != current.get(k))
+            raise UsageError(f"{path} was trained with another model.{key}; resume with the same model section "
+                             "or start a new train.output_dir")
+        acc.load_state(str(path))
+        self.ema.to(acc.device)  # loaded onto the CPU
+        state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+        global_batch = cfg.train.batch_size * acc.num_processes
+        if state.global_batch != global_batch:
+            # Another batch size or process count: keep the number of clips consumed this epoch.
+            state.batch_in_epoch = state.batch_in_epoch * state.global_batch // global_batch
+            state.global_batch = global_batch
+        self.state = state
+        self.last_saved_step = state.step
+        if self.is_main:
+            self._truncate_log(state.step)
+        self.print(f"resumed from {path} at step {state.step}")
+
+    def save_checkpoint(self) -> None:
+        """Write checkpoint-STEP atomically: a temporary folder, flushed, marked complete, renamed."""
+        acc, step = self.accelerator, self.state.step
+        final = self.out / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = self.out / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # on every process: RNG states are per process (and FSDP shards)
+        acc.wait_for_everyone()
+        if self.is_main:
+            saved = dataclasses.replace(self.state, elapsed_seconds=self.elapsed())
+            (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(saved), indent=1))
+            save_config(self.cfg, tmp / CONFIG_FILE)
+            (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
+            publish_dir(tmp, final)  # the rename is the commit; the marker also flags copies made by hand
+            complete, _ = list_checkpoints(self.out)
+            for _, old in complete[:-self.cfg.train.keep_checkpoints]:
+                remove_dir(old)
+        self.last_saved_step = step
+        acc.wait_for_everyone()
+
+    def export(self) -> Path:
+        """Write model/ atomically: EMA weights, the resolved config, the scheduler config (and the VAE)."""
+        acc, cfg = self.accelerator, self.cfg
+        final, tmp = self.out / "model", self.out / f"{TMP_PREFIX}model"
+        with self.ema_weights():
+            state_dict = acc.get_state_dict(self.model)  # the full weights, gathered under FSDP
+            if self.is_main:
+                with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the run's RNG
+                    export_model = build_model(cfg.model)
+                export_model.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()})
+        if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            export_model.save_pretrained(tmp)
+            save_config(cfg, tmp / CONFIG_FILE)
+            make_scheduler(cfg.sample.scheduler).save_pretrained(tmp / "scheduler")
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae")
+            info = {"step": self.state.step, "train_seconds": round(self.elapsed(), 1), "parameters": self.counts}
+            (tmp / "train_info.json").write_text(json.dumps(info, indent=1))
+            publish_dir(tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Swap the EMA weights into the model for the duration of the block."""
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    # -- samples
+
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        """A gif grid of clips from the EMA weights. Every process samples: DDP and FSDP forwards are collective."""
+        from .video_io import tile_videos, write_video
+
+        cfg = self.cfg
+        captions, labels = self.sample_conditions
+        shape = (len(captions), cfg.model.latent_channels, cfg.model.num_frames, *cfg.model.latent_size)
+        self.model.eval()
+        try:
+            with self.ema_weights():
+                x = sample(self.model, shape, labels=labels if cfg.model.num_classes else None,
+                           captions=captions if cfg.model.text or cfg.model.text_encoder else None,
+                           steps=cfg.sample.steps, guidance=cfg.sample.guidance, scheduler_name=cfg.sample.scheduler,
+                           generator=torch.Generator().manual_seed(cfg.sample.seed), device=self.accelerator.device)
+        finally:
+            self.model.train()
+        if self.vae is not None:
+            x = vae_decode(self.vae, x)
+        if self.is_main:
+            path = self.out / "samples" / f"step-{self.state.step:07d}.gif"
+            write_video(path, tile_videos(to_uint8_frames(x).cpu()), fps=cfg.sample.fps)
+
+    # -- the loop
+
+    def batches(self) -> Iterator[dict]:
+        """Batches from the saved data position on, epoch after epoch; the position is kept in self.state."""
+        from .data import collate
+
+        acc, cfg = self.accelerator, self.cfg
+        epoch, start = self.state.epoch, self.state.batch_in_epoch
+        while True:
+            sampler = EpochBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.data.seed, epoch, start,
+                                        acc.process_index, acc.num_processes)
+            # Its own generator: making a loader must not draw from the global RNG, or resume would diverge.
+            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                collate_fn=collate, pin_memory=acc.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(epoch_seed(cfg.data.seed, epoch)))
+            for batch in loader:
+                start += 1
+                self.state.epoch, self.state.batch_in_epoch = epoch, start
+                yield batch
+            epoch, start = epoch + 1, 0
+
+    def train_step(self, batches: Iterator[dict], sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step over train.grad_accum micro-batches; adds the losses to ``sums`` (no host sync).
+
+        Returns the gradient norm before clipping.
+        """
+        acc, tc = self.accelerator, self.cfg.train
+        for micro in range(tc.grad_accum):
+            x0, labels, captions = model_inputs(next(batches), self.cfg.model, acc.device, self.vae)
+            # Gradients are averaged across processes only on the last micro-batch.
+            sync = micro == tc.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                loss, flow, out = training_loss(self.model, x0, labels, captions, tc)
+                acc.backward(loss / tc.grad_accum)
+            sums["loss"] += flow.detach() / tc.grad_accum
+            for name, value in out.aux.losses.items():
+                key = f"aux/{name}"
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / tc.grad_accum
+        grad_norm = acc.clip_grad_norm_(self.params, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+        zero_nonfinite_grads(self.params)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        acc.unwrap_model(self.model).after_optimizer_step()
+        self.ema.step(self.params)
+        self.state.step += 1
+        return grad_norm
+
+    def fit(self) -> Path:
+        """Train to train.max_steps (or the time budget), then checkpoint and export; returns the run folder."""
+        acc, tc = self.accelerator, self.cfg.train
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            acc.init_trackers("tensorboard", config=_flat_hparams(self.cfg))
+        self._describe()
+        budget = tc.time_budget_minutes * 60 if tc.time_budget_minutes else None
+        batches = self.batches()
+        # With a time budget, tqdm's estimate for max_steps would mislead; the postfix shows the time left.
+        bar_format = None if budget is None else "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+        progress = tqdm(total=tc.max_steps, initial=self.state.step, disable=not self.is_main, desc="train",
+                        dynamic_ncols=True, smoothing=0.1, bar_format=bar_format)
+        postfix: dict[str, str] = {}
+        sums = {"loss": torch.zeros((), device=acc.device)}
+        bad_streak = torch.zeros((), dtype=torch.long, device=acc.device)
+        window_steps, window_start = 0, time.monotonic()
+        stop_reason = "max_steps"
+        while self.state.step < tc.max_steps:
+            if budget is not None and self._over_budget(budget):
+                stop_reason = "time budget"
+                break
+            grad_norm = self.train_step(batches, sums)
+            bad_streak = (bad_streak + 1) * ~torch.isfinite(grad_norm)
+            window_steps += 1
+            step = self.state.step
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                seconds = time.monotonic() - window_start
+                clips_per_second = window_steps * tc.batch_size * tc.grad_accum * acc.num_processes / seconds
+                postfix.update(self._log(sums, window_steps, grad_norm, clips_per_second))
+                if int(bad_streak) >= tc.max_bad_steps:
+                    raise RuntimeError(f"{tc.max_bad_steps} steps in a row had non-finite gradients (step {step}); "
+                                       "lower train.lr or use train.mixed_precision=no")
+                window_steps, window_start = 0, time.monotonic()
+            paused = time.monotonic()
+            if tc.sample_every and step % tc.sample_every == 0:
+                self.write_samples()
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                self.save_checkpoint()
+            window_start += time.monotonic() - paused  # clips/s counts training time only
+            if budget is not None:
+                postfix["left"] = format_duration(budget - (time.monotonic() - self.started))
+            progress.set_postfix(postfix, refresh=False)
+            progress.update(1)
+        progress.close()
+        if self.last_saved_step != self.state.step:
+            self.save_checkpoint()
+        model_dir = self.export()
+        if os.environ.get(RANK_CHECKSUM_ENV) == "1":
+            checksum = parameter_checksum(acc.unwrap_model(self.model))
+            (self.out / f"rank-{acc.process_index}-checksum.json").write_text(json.dumps(checksum))
+        acc.end_training()
+        self.print(f"stopped at step {self.state.step} ({stop_reason}) after {format_duration(self.elapsed())}; "
+                   f"model exported to {model_dir}")
+        return self.out
+
+    def _over_budget(self, budget: float) -> bool:
+        """Whether the time budget is spent; process 0 decides for all, so all stop at the same step."""
+        over = time.monotonic() - self.started >= budget
+        if self.accelerator.num_processes == 1:
+            return over
+        flag = torch.tensor([int(over)], device=self.accelerator.device)
+        return bool(broadcast(flag, from_process=0).item())
+
+    # -- reporting
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(f"vidmoe train: {message}", file=sys.stderr)
+
+    def elapsed(self) -> float:
+        """Wall seconds of this run, earlier sessions included."""
+        return self.state.elapsed_seconds + time.monotonic() - self.started
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines that a crashed session wrote after the checkpoint we resume from."""
+        path = self.out / "log.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def moe_scalars(self) -> dict[str, float]:
+        """Per MoE layer: the most and least loaded expert (share x E, 1 = even) and the dropped fraction."""
+        scalars = {}
+        for layer, stats in self.accelerator.unwrap_model(self.model).moe_stats(reset=True).items():
+            load = torch.as_tensor(stats["load"], dtype=torch.float32)
+            scalars[f"moe/{layer}/max_load"] = float(load.max()) * load.numel()
+            scalars[f"moe/{layer}/min_load"] = float(load.min()) * load.numel()
+            scalars[f"moe/{layer}/dropped_frac"] = float(stats.get("dropped_frac", 0.0))
+        return scalars
+
+    def _log(self, sums: dict, window: int, grad_norm: torch.Tensor, clips_per_second: float) -> dict[str, str]:
+        """Average the last ``window`` steps' sums over steps and processes; write TensorBoard and log.jsonl.
+
+        Returns what the progress bar shows.
+        """
+        acc = self.accelerator
+        names = sorted(sums)
+        means = acc.reduce(torch.stack([sums[k] for k in names]), reduction="mean")  # one collective
+        values = {k: v / window for k, v in zip(names, means.tolist())}
+        for v in sums.values():
+            v.zero_()
+        scalars = {**values, "grad_norm": float(grad_norm), "lr": self.lr_scheduler.get_last_lr()[0],
+                   "clips_per_s": clips_per_second, "epoch": self.state.epoch}
+        scalars.update(self.moe_scalars())  # on every process: it also resets the counters
+        postfix = {"loss": f"{values['loss']:.4f}", "clips/s": f"{clips_per_second:.1f}"}
+        if not self.is_main:
+            return postfix
+        acc.log(scalars, step=self.state.step)
+        record = {"step": self.state.step, "time": round(self.elapsed(), 2),
+                  **{k: v for k, v in scalars.items() if not k.startswith("moe/")}}
+        with open(self.out / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return postfix
+
+    def _describe(self) -> None:
+        cfg, acc, counts = self.cfg, self.accelerator, self.counts
+        self.print(f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per token), "
+                   f"{len(self.dataset)} clips from {cfg.data.source}, {acc.num_processes} process(es) on "
+                   f"{acc.device.type}, mixed precision: {acc.mixed_precision}, output: {self.out}")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """UsageError unless ``path`` is, or can be created as, a folder we may write to (creates nothing)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {what} {path}: no write permission in {existing}")
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> Path:
+    """Train from a config (``resume``: None, ``"latest"`` or a checkpoint folder); returns the run folder."""
+    out = Path(cfg.train.output_dir)
+    check_writable_dir(out, "train.output_dir")
+    complete, _ = list_checkpoints(out)
+    if resume is None and complete:
+        raise UsageError(f"{out} already holds {complete[-1][1].name}; pass --resume latest to continue that run "
+                         "or choose another train.output_dir")
+    trainer = Trainer(cfg)
+    checkpoint = find_checkpoint(out, resume, report=trainer.print)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_main and out.is_dir():
+        for leftover in out.glob(f"{TMP_PREFIX}*"):  # never valid: a save or export that was interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
+    if checkpoint is not None:
+        trainer.resume_from(checkpoint)
+    return trainer.fit()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. train.max_steps=200 model.moe.num_experts=16")
+    parser.add_argument("--resume", metavar="latest|PATH",
+                        help="continue from the newest complete checkpoint of train.output_dir, or from a folder")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
