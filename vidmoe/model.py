@@ -53,13 +53,15 @@ def dense_hidden_for(cfg: ModelConfig, match: str) -> int:
     moe, h = cfg.moe, expert_hidden(cfg)
     router = moe.num_experts / 3
     if match == "flops":
-        return round((moe.top_k + moe.num_shared_experts) * h + router)
-    if match == "params":
+        width = (moe.top_k + moe.num_shared_experts) * h + router
+    elif match == "params":
         per_pool = (moe.num_experts + moe.num_shared_experts) * h
-        if moe.expert_pool == "shared":
-            return round((per_pool + 2 * router) / 2)
-        return round(per_pool + router)
-    raise ValueError(f"unknown match {match!r}")
+        width = (per_pool + 2 * router) / 2 if moe.expert_pool == "shared" else per_pool + router
+    else:
+        raise ValueError(f"unknown match {match!r}")
+    # A multiple of 16: odd widths (e.g. 4099) fall off the fast matmul kernels and would make
+    # the baseline look slow for a reason that has nothing to do with MoE.
+    return max(16, 16 * round(width / 16))
 
 
 class SubBlock(nn.Module):
