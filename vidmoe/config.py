@@ -7,6 +7,7 @@ when a config is built, so a typo or an impossible combination fails before any 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -182,7 +183,7 @@ class _Override(str):
     def parse(self) -> Any:
         try:
             return yaml.safe_load(self) if self.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer longer than Python converts
             return str(self)
 
 
@@ -225,14 +226,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):  # YAML 1.1 reads 3e-4 as a string
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -248,7 +250,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may also be numbers or null
     if unknown:
         raise ConfigError(
             f"unknown config key '{_join(where, unknown[0])}' (known keys: {', '.join(sorted(names))})"
@@ -308,8 +310,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a YAML file (not UTF-8 text)") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer longer than Python converts
             raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
@@ -334,6 +340,10 @@ def validate(cfg: Config) -> None:
         prefix = "model.moe" if section == "moe" else section
         _check(value in allowed, f"{prefix}.{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
     m, moe = cfg.model, cfg.model.moe
+    # positive first: the divisibility checks below divide by these
+    for name in ("depth", "num_heads", "hidden_size", "ffn_hidden", "in_channels", "patch_size", "temporal_patch_size",
+                 "vae_scale"):
+        _check(getattr(m, name) > 0, f"model.{name} must be positive")
     if isinstance(m.sample_size, list):
         _check(len(m.sample_size) == 2, f"model.sample_size must be an int or [H, W]; got {m.sample_size}")
     h, w = m.frame_size
@@ -348,8 +358,6 @@ def validate(cfg: Config) -> None:
            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     _check((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size / model.num_heads must be even")
     _check(m.hidden_size % 4 == 0, "model.hidden_size must be divisible by 4 (sin-cos positions)")
-    for name in ("depth", "num_heads", "ffn_hidden", "in_channels", "patch_size", "temporal_patch_size"):
-        _check(getattr(m, name) > 0, f"model.{name} must be positive")
     _check(0.0 <= m.cond_dropout < 1.0, "model.cond_dropout must be in [0, 1)")
     _check(m.num_classes >= 0, "model.num_classes must be >= 0")
     _check(moe.num_experts >= 1, "model.moe.num_experts must be at least 1")
@@ -375,7 +383,7 @@ def validate(cfg: Config) -> None:
     _check(d.crop in ("center", "random"), f"data.crop must be one of center, random; got {d.crop!r}")
     _check(d.seed >= 0, "data.seed must be >= 0")
     t = cfg.train
-    for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+    for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps"):
         _check(getattr(t, name) > 0, f"train.{name} must be positive")
     for name in ("checkpoint_every", "sample_every", "warmup_steps"):
         _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")

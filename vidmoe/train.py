@@ -52,6 +52,13 @@ STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "vidmoe_config.yaml"
 # Set to 1 to have every process write a checksum of its parameters at the end (tests compare them).
 RANK_CHECKSUM_ENV = "VIDMOE_RANK_CHECKSUMS"
+# Test hook: seconds to wait inside the temporary checkpoint folder before publishing it, so a test
+# can kill the process while a checkpoint write is in progress.
+CHECKPOINT_DELAY_ENV = "VIDMOE_TEST_CHECKPOINT_DELAY"
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped: train.max_bad_steps steps in a row had a non-finite loss or gradient."""
 
 
 # ----------------------------------------------------------------------------- data order
@@ -210,17 +217,6 @@ def training_loss(model, x0: torch.Tensor, labels, captions, train_cfg):
     return flow + out.aux.loss, flow, out
 
 
-def zero_nonfinite_grads(params: list[torch.nn.Parameter]) -> None:
-    """Turn a non-finite gradient into zeros without a host sync.
-
-    Clipping by a NaN or infinite norm spreads NaN to every gradient, so after clipping a bad step
-    has all-zero gradients and leaves the weights alone, while a good step is unchanged.
-    """
-    for param in params:
-        if param.grad is not None:
-            param.grad.nan_to_num_(0.0, 0.0, 0.0)
-
-
 def parameter_checksum(model: torch.nn.Module) -> dict:
     """Exact fingerprint of a model's parameters (sha256 of their bytes) and their sum, for comparisons."""
     digest = hashlib.sha256()
@@ -275,6 +271,7 @@ class TrainerState:
     batch_in_epoch: int = 0  # global batches of this epoch already consumed
     elapsed_seconds: float = 0.0  # training wall time of earlier sessions of this run
     global_batch: int = 0  # clips per global micro-batch when saved (to convert the position)
+    skipped_steps: int = 0  # steps not applied because their loss or gradient was not finite
 
 
 class Trainer:
@@ -398,6 +395,7 @@ class Trainer:
             (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(saved), indent=1))
             save_config(self.cfg, tmp / CONFIG_FILE)
             (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
+            time.sleep(float(os.environ.get(CHECKPOINT_DELAY_ENV, 0)))
             publish_dir(tmp, final)  # the rename is the commit; the marker also flags copies made by hand
             complete, _ = list_checkpoints(self.out)
             for _, old in complete[:-self.cfg.train.keep_checkpoints]:
@@ -485,12 +483,15 @@ class Trainer:
                 yield batch
             epoch, start = epoch + 1, 0
 
-    def train_step(self, batches: Iterator[dict], sums: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One optimizer step over train.grad_accum micro-batches; adds the losses to ``sums`` (no host sync).
+    def train_step(self, batches: Iterator[dict], sums: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over train.grad_accum micro-batches; adds its losses to ``sums`` if it was applied.
 
-        Returns the gradient norm before clipping.
+        Returns the gradient norm before clipping and whether the step was applied. A step whose loss or
+        gradient is not finite is skipped: weights, optimizer moments, EMA and router biases stay as they were.
         """
         acc, tc = self.accelerator, self.cfg.train
+        step_sums: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=acc.device)
         for micro in range(tc.grad_accum):
             x0, labels, captions = model_inputs(next(batches), self.cfg.model, acc.device, self.vae)
             # Gradients are averaged across processes only on the last micro-batch.
@@ -498,19 +499,31 @@ class Trainer:
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 loss, flow, out = training_loss(self.model, x0, labels, captions, tc)
                 acc.backward(loss / tc.grad_accum)
-            sums["loss"] += flow.detach() / tc.grad_accum
-            for name, value in out.aux.losses.items():
-                key = f"aux/{name}"
-                sums[key] = sums.get(key, 0.0) + value.detach().float() / tc.grad_accum
+            total += loss.detach().float()
+            losses = {"loss": flow, **{f"aux/{name}": value for name, value in out.aux.losses.items()}}
+            for key, value in losses.items():
+                step_sums[key] = step_sums.get(key, 0.0) + value.detach().float() / tc.grad_accum
         grad_norm = acc.clip_grad_norm_(self.params, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
-        zero_nonfinite_grads(self.params)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        # One host sync per step: a bad step must not reach AdamW at all, since its momentum and weight
+        # decay move the weights even with zero gradients. The flag is summed over processes so all agree.
+        bad = (~torch.isfinite(grad_norm) | ~torch.isfinite(total)).float()
+        applied = not bool(acc.reduce(bad, reduction="sum"))
+        if applied:
+            self.optimizer.step()
+            acc.unwrap_model(self.model).after_optimizer_step()
+            self.ema.step(self.params)
+            for key, value in step_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+        else:
+            self.state.skipped_steps += 1
+            if acc.scaler is not None:
+                # fp16: the loss scaler must see the step to lower its scale; without gradients AdamW changes nothing
+                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.step()
+        self.lr_scheduler.step()  # skipped steps included, so the schedule still ends at max_steps
         self.optimizer.zero_grad(set_to_none=True)
-        acc.unwrap_model(self.model).after_optimizer_step()
-        self.ema.step(self.params)
         self.state.step += 1
-        return grad_norm
+        return grad_norm, applied
 
     def fit(self) -> Path:
         """Train to train.max_steps (or the time budget), then checkpoint and export; returns the run folder."""
@@ -527,25 +540,30 @@ class Trainer:
                         dynamic_ncols=True, smoothing=0.1, bar_format=bar_format)
         postfix: dict[str, str] = {}
         sums = {"loss": torch.zeros((), device=acc.device)}
-        bad_streak = torch.zeros((), dtype=torch.long, device=acc.device)
-        window_steps, window_start = 0, time.monotonic()
+        bad_streak = 0
+        window_steps, window_applied, window_start = 0, 0, time.monotonic()
         stop_reason = "max_steps"
         while self.state.step < tc.max_steps:
             if budget is not None and self._over_budget(budget):
                 stop_reason = "time budget"
                 break
-            grad_norm = self.train_step(batches, sums)
-            bad_streak = (bad_streak + 1) * ~torch.isfinite(grad_norm)
+            grad_norm, applied = self.train_step(batches, sums)
+            bad_streak = 0 if applied else bad_streak + 1
             window_steps += 1
+            window_applied += applied
             step = self.state.step
+            if not applied:
+                self.print(f"step {step}: non-finite loss or gradient (gradient norm {float(grad_norm):g}); "
+                           f"step skipped ({bad_streak} in a row, train.max_bad_steps={tc.max_bad_steps})")
             if step % tc.log_every == 0 or step == tc.max_steps:
                 seconds = time.monotonic() - window_start
                 clips_per_second = window_steps * tc.batch_size * tc.grad_accum * acc.num_processes / seconds
-                postfix.update(self._log(sums, window_steps, grad_norm, clips_per_second))
-                if int(bad_streak) >= tc.max_bad_steps:
-                    raise RuntimeError(f"{tc.max_bad_steps} steps in a row had non-finite gradients (step {step}); "
-                                       "lower train.lr or use train.mixed_precision=no")
-                window_steps, window_start = 0, time.monotonic()
+                postfix.update(self._log(sums, window_applied, grad_norm, clips_per_second))
+                window_steps, window_applied, window_start = 0, 0, time.monotonic()
+            if not applied and bad_streak >= tc.max_bad_steps:
+                progress.close()
+                acc.end_training()
+                raise self._diverged(bad_streak)
             paused = time.monotonic()
             if tc.sample_every and step % tc.sample_every == 0:
                 self.write_samples()
@@ -568,6 +586,16 @@ class Trainer:
                    f"model exported to {model_dir}")
         return self.out
 
+    def _diverged(self, streak: int) -> TrainingDiverged:
+        """The error that stops a run of bad steps; nothing is saved, so the last checkpoint is the last good one."""
+        complete, _ = list_checkpoints(self.out)
+        last = f"the last good checkpoint is {complete[-1][1]}" if complete else "there is no checkpoint yet"
+        step = self.state.step
+        return TrainingDiverged(f"{streak} steps in a row had a non-finite loss or gradient (steps {step - streak + 1}-"
+                                f"{step}, train.max_bad_steps={self.cfg.train.max_bad_steps}); {last}. Lower train.lr, "
+                                "raise train.warmup_steps or use train.mixed_precision=no, then continue with "
+                                "--resume latest")
+
     def _over_budget(self, budget: float) -> bool:
         """Whether the time budget is spent; process 0 decides for all, so all stop at the same step."""
         over = time.monotonic() - self.started >= budget
@@ -587,11 +615,14 @@ class Trainer:
         return self.state.elapsed_seconds + time.monotonic() - self.started
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines that a crashed session wrote after the checkpoint we resume from."""
+        """Drop log lines that a crashed session wrote after the checkpoint we resume from (and a torn last line)."""
         path = self.out / "log.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if (logged := _log_step(line)) is not None and logged <= step]
+            tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)  # a kill now keeps the old log or the new one, never half of one
 
     def moe_scalars(self) -> dict[str, float]:
         """Per MoE layer: the most and least loaded expert (share x E, 1 = even) and the dropped fraction."""
@@ -603,19 +634,19 @@ class Trainer:
             scalars[f"moe/{layer}/dropped_frac"] = float(stats.get("dropped_frac", 0.0))
         return scalars
 
-    def _log(self, sums: dict, window: int, grad_norm: torch.Tensor, clips_per_second: float) -> dict[str, str]:
-        """Average the last ``window`` steps' sums over steps and processes; write TensorBoard and log.jsonl.
-
-        Returns what the progress bar shows.
+    def _log(self, sums: dict, applied: int, grad_norm: torch.Tensor, clips_per_second: float) -> dict[str, str]:
+        """Average the sums of the ``applied`` steps since the last log over steps and processes; write
+        TensorBoard and log.jsonl. Returns what the progress bar shows.
         """
         acc = self.accelerator
         names = sorted(sums)
         means = acc.reduce(torch.stack([sums[k] for k in names]), reduction="mean")  # one collective
-        values = {k: v / window for k, v in zip(names, means.tolist())}
+        values = {k: v / applied if applied else math.nan for k, v in zip(names, means.tolist())}
         for v in sums.values():
             v.zero_()
         scalars = {**values, "grad_norm": float(grad_norm), "lr": self.lr_scheduler.get_last_lr()[0],
-                   "clips_per_s": clips_per_second, "epoch": self.state.epoch}
+                   "clips_per_s": clips_per_second, "epoch": self.state.epoch,
+                   "skipped_steps": self.state.skipped_steps}
         scalars.update(self.moe_scalars())  # on every process: it also resets the counters
         postfix = {"loss": f"{values['loss']:.4f}", "clips/s": f"{clips_per_second:.1f}"}
         if not self.is_main:
@@ -632,6 +663,14 @@ class Trainer:
         self.print(f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per token), "
                    f"{len(self.dataset)} clips from {cfg.data.source}, {acc.num_processes} process(es) on "
                    f"{acc.device.type}, mixed precision: {acc.mixed_precision}, output: {self.out}")
+
+
+def _log_step(line: str) -> Optional[int]:
+    """The step of a log.jsonl line, or None for a line that a kill cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def check_writable_dir(path: Path, what: str) -> None:
@@ -674,5 +713,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except TrainingDiverged as err:
+        # Not bad input (exit 2) but a run that failed: one line, exit status 1.
+        print(f"vidmoe train: error: {err}", file=sys.stderr)
+        return 1
     return 0
