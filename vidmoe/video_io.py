@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import contextlib
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -103,6 +104,22 @@ def _fps(stream, times: np.ndarray) -> float:
     return 0.0
 
 
+@contextlib.contextmanager
+def _reading(path, timeout: float) -> Iterator["av.container.InputContainer"]:
+    """An open container whose failures all become VideoReadError (a timeout included); closed on exit."""
+    container = _open(path, timeout)
+    try:
+        yield container
+    except VideoReadError:
+        raise
+    except av.ExitError:
+        raise _timed_out(path, timeout) from None
+    except Exception as err:
+        raise VideoReadError(path, f"decode error ({_short(err)})") from None
+    finally:
+        container.close()
+
+
 def probe_video(path, timeout: float = 30.0) -> VideoInfo:
     """Count frames and read their timestamps from packets, decoding only the first frame.
 
@@ -110,8 +127,7 @@ def probe_video(path, timeout: float = 30.0) -> VideoInfo:
     or takes longer than ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
-    container = _open(path, timeout)
-    try:
+    with _reading(path, timeout) as container:
         stream = _video_stream(container, path)
         stamps = []
         first = None
@@ -140,14 +156,6 @@ def probe_video(path, timeout: float = 30.0) -> VideoInfo:
             if np.any(np.diff(pts) == 0):
                 pts = None  # repeated timestamps cannot say which frame a seek landed on
         return VideoInfo(len(stamps), times, pts, _fps(stream, times), first.width, first.height)
-    except VideoReadError:
-        raise
-    except av.ExitError:
-        raise _timed_out(path, timeout) from None
-    except Exception as err:
-        raise VideoReadError(path, f"decode error ({_short(err)})") from None
-    finally:
-        container.close()
 
 
 def _frames(path, timeout: float, seek_pts: Optional[int] = None, rate: Optional[list] = None) -> Iterator:
@@ -156,8 +164,7 @@ def _frames(path, timeout: float, seek_pts: Optional[int] = None, rate: Optional
     ``rate``, when given, receives the stream's frame rate as its first item before any frame.
     """
     deadline = time.monotonic() + timeout
-    container = _open(path, timeout)
-    try:
+    with _reading(path, timeout) as container:
         stream = _video_stream(container, path)
         if rate is not None:
             rate.append(_fps(stream, np.zeros(0)))
@@ -170,14 +177,6 @@ def _frames(path, timeout: float, seek_pts: Optional[int] = None, rate: Optional
                 size = size or (frame.width, frame.height)
                 # streams may change resolution midway; clips need one size, the first frame's
                 yield frame if (frame.width, frame.height) == size else frame.reformat(*size)
-    except VideoReadError:
-        raise
-    except av.ExitError:
-        raise _timed_out(path, timeout) from None
-    except Exception as err:
-        raise VideoReadError(path, f"decode error ({_short(err)})") from None
-    finally:
-        container.close()
 
 
 def iter_frames(path, timeout: float = 30.0) -> Iterator[tuple[np.ndarray, Optional[float]]]:
