@@ -1,0 +1,99 @@
+"""vidmoe bench: every section runs at the tiny size and writes its keys (no timing assertions)."""
+
+import json
+import math
+
+import torch
+
+from vidmoe.bench import SIZES, TARGETS, check_targets, format_table, interleaved, latte_config, model_configs
+from vidmoe.cli import main
+
+SECTION_KEYS = {
+    "moe_layer": ["grouped_s", "loop_s", "dense_flops_s", "dense_params_s", "grouped_over_dense_flops",
+                  "loop_over_grouped"],
+    "model_step": ["moe_over_dense_flops", "moe_over_dense_params", "moe_s", "dense_flops_s", "dense_params_s"],
+    "generation": ["moe_step_over_dense_flops", "moe_clip_over_dense_flops"],
+    "peer": ["latte_s", "ours_s", "ours_over_latte"],
+    "data": ["cache_clips_per_s", "decode_clips_per_s", "train_clips_per_s", "cache_over_train"],
+}
+MODEL_KEYS = ["step_s", "clips_per_s", "peak_memory_mb", "params_total", "params_active"]
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_tiny_writes_every_key(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "tiny", "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    machine = result["machine"]
+    assert machine["precision"] in ("no", "bf16") and machine["device"] == "cpu"
+    assert {"cpu", "torch_threads", "torch", "fast_bf16"} <= set(machine)
+    for section, keys in SECTION_KEYS.items():
+        for key in keys:
+            assert positive(result["sections"][section][key]), (section, key)
+    for name in ("moe", "dense_flops", "dense_params"):
+        entry = result["sections"]["model_step"]["models"][name]
+        assert all(key in entry for key in MODEL_KEYS)
+        assert {"step_s", "clip_s"} <= set(result["sections"]["generation"]["models"][name])
+    counts = {n: result["sections"]["model_step"]["models"][n]["params_total"] for n in ("moe", "dense_params")}
+    assert abs(counts["moe"] - counts["dense_params"]) / counts["moe"] < 0.05  # parameter-matched
+    assert len(result["targets"]) == len(TARGETS)
+    assert all(isinstance(t["met"], bool) for t in result["targets"])
+    printed = capsys.readouterr()
+    assert "targets:" in printed.out and "[bench 5/5] data" in printed.err
+    assert all(t.text in printed.out for t in TARGETS)
+
+
+def test_candidates_take_turns_after_warm_up():
+    calls = []
+    times = interleaved({name: (lambda n=name: calls.append(n)) for name in "ABC"}, repeats=2, warmup=1,
+                        device=torch.device("cpu"))
+    assert calls == list("ABC") * 3
+    assert {name: len(t) for name, t in times.items()} == {"A": 2, "B": 2, "C": 2}
+
+
+def test_unknown_section_is_a_usage_error(capsys):
+    assert main(["bench", "--sections", "moe_layer,nope", "--size", "tiny"]) == 2
+    assert "unknown bench section 'nope'" in capsys.readouterr().err
+
+
+def test_latte_matches_width_depth_heads_patch_and_frames():
+    from diffusers import LatteTransformer3DModel
+
+    cfg = model_configs(SIZES["tiny"])["moe"].model
+    args = latte_config(cfg)
+    latte = LatteTransformer3DModel(**args)
+    assert len(latte.transformer_blocks) == len(latte.temporal_transformer_blocks) == cfg.depth
+    assert args["num_attention_heads"] * args["attention_head_dim"] == cfg.hidden_size
+    x = torch.randn(1, cfg.latent_channels, cfg.num_frames, *cfg.latent_size)
+    text = torch.randn(1, cfg.text_max_length, cfg.hidden_size)
+    assert latte(x, timestep=torch.tensor([500.0]), encoder_hidden_states=text).sample.shape == x.shape
+
+
+def test_table_says_when_a_section_was_not_measured_or_skipped():
+    result = {"size": "tiny", "repeats": 1, "sections": {}, "targets": [],
+              "machine": {"cpu": "x", "torch_threads": 1, "torch": "t", "device": "cpu", "fast_bf16": False,
+                          "precision": "no", "load_average": None}}
+    result["sections"] = {"peer": {"skipped": "the Latte comparison needs square frames"}}
+    result["targets"] = check_targets(result["sections"])
+    table = format_table(result)
+    assert table.count("not measured") == len(TARGETS)
+    assert "needs square frames" in table
+
+
+def test_latte_sees_the_same_tokens_with_temporal_patches():
+    from diffusers import LatteTransformer3DModel
+
+    from vidmoe.bench import fold_time
+
+    cfg = model_configs(SIZES["tiny"])["moe"].model
+    cfg.temporal_patch_size = 2
+    x = torch.randn(1, cfg.latent_channels, cfg.num_frames, *cfg.latent_size)
+    folded = fold_time(x, 2)
+    assert folded.shape == (1, 2 * cfg.latent_channels, cfg.num_frames // 2, *cfg.latent_size)
+    assert torch.equal(folded[0, cfg.latent_channels:, 0], x[0, :, 1])  # frame 1 is the second channel group
+    latte = LatteTransformer3DModel(**latte_config(cfg))
+    text = torch.randn(1, cfg.text_max_length, cfg.hidden_size)
+    assert latte(folded, timestep=torch.tensor([500.0]), encoder_hidden_states=text).sample.shape == folded.shape

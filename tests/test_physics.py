@@ -1,0 +1,112 @@
+"""Pixel physics: real bouncing shapes score near the ceiling, static and shuffled clips clearly worse."""
+
+import numpy as np
+import pytest
+
+from vidmoe import physics
+from vidmoe.config import DataConfig
+from vidmoe.data.synthetic import render_clip
+
+FRAMES, SIZE, CLIPS = 16, 32, 16
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return [render_clip(i, 0, FRAMES, SIZE, SIZE, DataConfig(), "eval") for i in range(CLIPS)]
+
+
+@pytest.fixture(scope="module")
+def real(rendered):
+    return np.stack([clip["frames"] for clip in rendered])
+
+
+@pytest.fixture(scope="module")
+def summaries(real):
+    sets = {"real": real, "static": physics.static_clips(real), "shuffled": physics.shuffled_clips(real, seed=0)}
+    return {name: physics.summarize(physics.per_clip_metrics(clips), resamples=50) for name, clips in sets.items()}
+
+
+def value(summary, key):
+    return summary[key]["value"]
+
+
+def test_real_clips_score_near_the_ceiling(summaries):
+    real = summaries["real"]
+    assert value(real, "plausible") >= 0.9
+    assert value(real, "count_stability") >= 0.9
+    assert value(real, "color_consistency") >= 0.95
+    assert value(real, "bounce_correctness") >= 0.9
+    assert value(real, "motion_residual") < 1.0  # pixel rounding of centroids only
+    assert value(real, "frozen") == value(real, "empty") == 0.0
+    assert value(real, "flicker") <= 0.1
+
+
+def test_static_and_shuffled_clips_score_clearly_worse(summaries):
+    real, static, shuffled = summaries["real"], summaries["static"], summaries["shuffled"]
+    assert value(static, "frozen") == 1.0 and value(static, "plausible") == 0.0
+    assert value(shuffled, "motion_residual") > 4 * value(real, "motion_residual")
+    assert value(shuffled, "bounce_correctness") < 0.5
+    assert value(shuffled, "plausible") <= 0.2
+    for name in ("static", "shuffled"):
+        assert value(summaries[name], "plausible") < value(real, "plausible") - 0.5
+
+
+def test_objects_are_found_where_the_ground_truth_puts_them(rendered):
+    agree, close = [], []
+    for clip in rendered:
+        frames = physics.detect_objects(clip["frames"])
+        for t, blobs in enumerate(frames):
+            visible = set(np.unique(clip["object_mask"][t])) - {0}
+            agree.append(len(blobs) == len(visible))
+            for k in visible:
+                x, y = clip["positions"][t, k - 1]
+                area = int((clip["object_mask"][t] == k).sum())
+                for blob in blobs:
+                    if blob.area == area and abs(blob.x - x) < 3 and abs(blob.y - y) < 3:
+                        close.append(np.hypot(blob.x - x, blob.y - y))
+    assert np.mean(agree) >= 0.9  # occlusion may split or hide an object now and then
+    assert len(close) > 100 and np.median(close) < 0.5
+
+
+def test_flood_fill_matches_scipy():
+    pytest.importorskip("scipy")
+    rng = np.random.default_rng(0)
+    for density in (0.2, 0.45, 0.7):
+        mask = rng.random((17, 23)) < density
+        ours, n_ours = physics.label_components(mask, use_scipy=False)
+        theirs, n_theirs = physics.label_components(mask, use_scipy=True)
+        assert n_ours == n_theirs
+        pairs = set(zip(ours[mask].tolist(), theirs[mask].tolist()))
+        assert len(pairs) == n_ours  # the same partition, up to the numbering
+        assert (ours[~mask] == 0).all()
+
+
+def test_references_and_frozen_empty_detection(real):
+    static = physics.static_clips(real[:2])
+    assert (static == real[:2, :1]).all()
+    shuffled = physics.shuffled_clips(real[:4], seed=3)
+    for original, mixed in zip(real[:4], shuffled):
+        assert sorted(map(bytes, original)) == sorted(map(bytes, mixed)) and not (original == mixed).all()
+    gray = np.full((2, 6, 16, 16, 3), 128, dtype=np.uint8)
+    scores = physics.per_clip_metrics(gray)
+    assert all(s["empty"] and s["frozen"] and not s["plausible"] for s in scores)
+
+
+def test_checker_compares_generated_with_real(rendered, real):
+    scores = physics.per_clip_metrics(real[:6])
+    expected = [clip["num_objects"] for clip in rendered[:6]]
+    same = physics.checker(scores, scores, expected)
+    assert same["objects_per_frame_agreement"] > 0.9 and same["motion_residual_ratio"] == pytest.approx(1.0)
+    assert same["motion_residual_within_3x_real"] and same["frozen_or_empty_rare"]
+    frozen = physics.per_clip_metrics(physics.static_clips(real[:6]))
+    bad = physics.checker(frozen, scores)
+    assert bad["agreement_basis"].startswith("count distribution") and bad["frozen_or_empty_rate"] == 1.0
+    assert not bad["frozen_or_empty_rare"]
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_value(real):
+    scores = physics.per_clip_metrics(real[:8])
+    a, b = physics.summarize(scores, resamples=40, seed=1), physics.summarize(scores, resamples=40, seed=1)
+    assert a == b
+    low, high = a["objects_per_frame"]["ci"]
+    assert low <= a["objects_per_frame"]["value"] <= high
