@@ -199,9 +199,11 @@ class GroupedExperts(nn.Module):
             offsets = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
             h = _ContiguousGrad.apply(torch._grouped_mm(x, w_in, offs=offsets))  # [A, 2H]
             return _ContiguousGrad.apply(torch._grouped_mm(swiglu(h), w_out, offs=offsets))  # [A, D]
+        # unbind, not w_in[e]: indexing makes each expert's backward zero-fill a full [E, D, 2H]
+        # gradient and add it up; unbind's backward stacks the slices once.
         outs = []
-        for e, rows in enumerate(x.split(counts.tolist())):
-            outs.append(swiglu(rows @ w_in[e]) @ w_out[e])
+        for rows, w_in_e, w_out_e in zip(x.split(counts.tolist()), w_in.unbind(0), w_out.unbind(0)):
+            outs.append(swiglu(rows @ w_in_e) @ w_out_e)
         return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
