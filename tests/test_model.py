@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import vidmoe
-from vidmoe.model import VidMoETransformer, build_model, from_sequences, to_sequences
+from vidmoe.model import MIN_VELOCITY_T, VidMoETransformer, build_model, from_sequences, to_sequences
 
 from conftest import CONFIGS
 
@@ -52,11 +52,33 @@ def test_sequence_regrouping_round_trips():
 
 
 @pytest.mark.parametrize("ffn", ["moe", "dense"])
-def test_untrained_model_outputs_exact_zero(ffn):
-    cfg = tiny(f"model.ffn={ffn}")
+def test_untrained_model_predicts_exact_zero(ffn):
+    """adaLN-Zero: the head starts at zero, so a velocity model outputs 0 and an x0 model x_t / t."""
+    x, t = inputs(tiny())
+    t[0] = 0.01  # below MIN_VELOCITY_T: divided by the clamp instead
+    for prediction in ("velocity", "x0"):
+        cfg = tiny(f"model.ffn={ffn}", f"model.prediction={prediction}")
+        out = build_model(cfg)(x, t, labels=torch.tensor([1, 2]), captions=["a red circle", ""])
+        if prediction == "velocity":
+            assert torch.count_nonzero(out.sample) == 0
+        else:
+            expected = x / t.clamp(min=MIN_VELOCITY_T).view(-1, 1, 1, 1, 1)
+            torch.testing.assert_close(out.sample, expected, rtol=1e-6, atol=0)
+            assert torch.equal(out.sample[0], x[0] / MIN_VELOCITY_T)
+
+
+def test_x0_and_velocity_heads_describe_the_same_flow():
+    """An x0 head and a velocity head whose outputs agree on x0 give the same velocity."""
+    cfg = tiny("model.prediction=x0")
+    model = perturbed(build_model(cfg)).eval()
     x, t = inputs(cfg)
-    out = build_model(cfg)(x, t, labels=torch.tensor([1, 2]), captions=["a red circle", ""])
-    assert torch.count_nonzero(out.sample) == 0
+    kwargs = dict(labels=torch.tensor([0, 1]), captions=["a red circle", "a blue square"])
+    with torch.no_grad():
+        v = model(x, t, **kwargs).sample
+        model.cfg.prediction = "velocity"
+        x0 = model(x, t, **kwargs).sample  # the raw head: the x0 estimate
+    torch.testing.assert_close(v, (x - x0) / t.view(-1, 1, 1, 1, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x - t.view(-1, 1, 1, 1, 1) * v, x0, rtol=1e-5, atol=1e-5)
 
 
 def test_save_and_load_round_trip(tmp_path):

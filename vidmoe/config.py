@@ -69,6 +69,11 @@ class ModelConfig:
     vae_channels: int = 4  # latent channels of that VAE
     vae_scale: int = 8  # its spatial downsampling factor
     qk_norm: bool = True
+    # What the output layer predicts. x0: the clean clip, turned into the velocity the rest of
+    # the code expects as (x_t - x0) / t. velocity: the velocity itself. In pixel space a token
+    # holds more values than the width can carry (4x4x2x3 = 96 here), and a velocity model must
+    # copy the noise through: its clips come out as speckle (Li & He 2025, "Back to Basics").
+    prediction: str = "x0"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -132,6 +137,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: never
+    snapshot_every: int = 0  # export the EMA model to snapshots/step-N every N steps (0: never)
     log_every: int = 10
     compile: bool = False
     max_bad_steps: int = 10  # consecutive non-finite steps before giving up
@@ -168,6 +174,7 @@ _CHOICES = {
     ("moe", "dispatch"): ("auto", "grouped", "loop"),
     ("model", "ffn"): ("moe", "dense"),
     ("model", "dense_match"): (None, "flops", "params"),
+    ("model", "prediction"): ("x0", "velocity"),
     ("train", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
     ("sample", "format"): ("mp4", "gif", "webm", "png"),
 }
@@ -385,7 +392,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps"):
         _check(getattr(t, name) > 0, f"train.{name} must be positive")
-    for name in ("checkpoint_every", "sample_every", "warmup_steps"):
+    for name in ("checkpoint_every", "sample_every", "snapshot_every", "warmup_steps"):
         _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _check(t.lr > 0, "train.lr must be positive")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")

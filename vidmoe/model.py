@@ -114,6 +114,17 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+# Below this noise level an x0 prediction is turned into a velocity as if t were this, so the
+# velocity (and the loss weight 1 / t^2 it implies) stays bounded near the clean end.
+MIN_VELOCITY_T = 0.05
+
+
+def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The flow velocity (x_t - x0) / t for x_t = (1 - t) x0 + t noise, t [B] or scalar, clamped."""
+    t = t.float().clamp(min=MIN_VELOCITY_T).reshape(-1, *([1] * (x_t.dim() - 1)))
+    return (x_t.float() - x0.float()) / t
+
+
 @dataclass
 class VidMoEOutput(BaseOutput):
     """Velocity prediction and the MoE auxiliary results."""
@@ -219,6 +230,8 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         cfg = self.cfg
         sample = rearrange(out, "b t (h w) (pt p q c) -> b c (t pt) (h p) (w q)",
                            h=hh, w=ww, pt=cfg.temporal_patch_size, p=cfg.patch_size, q=cfg.patch_size)
+        if cfg.prediction == "x0":
+            sample = velocity_from_x0(x, sample, timestep)
         aux = MoEAux.combine(auxes, device=x.device)
         if not return_dict:
             return sample, aux
