@@ -192,4 +192,24 @@ def test_trains_in_bf16_with_gradient_accumulation(tmp_path):
                              "train.grad_accum=2", "train.log_every=2", "train.checkpoint_every=0"]))
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 for r in records)
+    # An untrained x0 head's velocity error is x0 / t: large at small t, but finite in bf16.
+    assert all(0 < r["loss"] < 1e4 and r["grad_norm"] > 0 for r in records)
+
+
+def test_snapshots_export_the_ema_model_along_the_run(tmp_path):
+    from vidmoe.generate import load_model_dir
+    from vidmoe.train import SNAPSHOT_DIR
+
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=4", "train.snapshot_every=2", "train.checkpoint_every=0"))
+    snapshots = sorted((run / SNAPSHOT_DIR).iterdir())
+    assert [p.name for p in snapshots] == ["step-0000002", "step-0000004"]
+    infos = [json.loads((p / "train_info.json").read_text()) for p in snapshots]
+    assert [i["step"] for i in infos] == [2, 4] and 0 < infos[0]["train_seconds"] <= infos[1]["train_seconds"]
+    final = load_file(run / "model" / "diffusion_pytorch_model.safetensors")
+    last = load_file(snapshots[-1] / "diffusion_pytorch_model.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    first = load_file(snapshots[0] / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(first[k], last[k]) for k in final)
+    model, cfg, _ = load_model_dir(snapshots[0], "cpu")  # a snapshot is a model folder
+    assert cfg.train.snapshot_every == 2

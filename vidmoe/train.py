@@ -102,6 +102,9 @@ class EpochBatchSampler(Sampler):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+SNAPSHOT_DIR = "snapshots"
+
+
 def checkpoint_step(path: Path) -> Optional[int]:
     name = path.name
     if not name.startswith(CHECKPOINT_PREFIX):
@@ -403,10 +406,11 @@ class Trainer:
         self.last_saved_step = step
         acc.wait_for_everyone()
 
-    def export(self) -> Path:
-        """Write model/ atomically: EMA weights, the resolved config, the scheduler config (and the VAE)."""
+    def export(self, final: Optional[Path] = None) -> Path:
+        """Write model/ (or ``final``) atomically: EMA weights, the resolved config, the scheduler config (and the VAE)."""
         acc, cfg = self.accelerator, self.cfg
-        final, tmp = self.out / "model", self.out / f"{TMP_PREFIX}model"
+        final = final or self.out / "model"
+        tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
         with self.ema_weights():
             state_dict = acc.get_state_dict(self.model)  # the full weights, gathered under FSDP
             if self.is_main:
@@ -569,6 +573,8 @@ class Trainer:
                 self.write_samples()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 self.save_checkpoint()
+            if tc.snapshot_every and step % tc.snapshot_every == 0:
+                self.export(self.out / SNAPSHOT_DIR / f"step-{step:07d}")  # for evaluating quality over time
             window_start += time.monotonic() - paused  # clips/s counts training time only
             if budget is not None:
                 postfix["left"] = format_duration(budget - (time.monotonic() - self.started))
