@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from vidmoe.bench import SIZES, TARGETS, check_targets, format_table, interleaved, latte_config, model_configs
+from vidmoe.bench import (SIZES, TARGETS, check_targets, format_table, interleaved, latte_config,
+                          latte_matched_config, model_configs)
 from vidmoe.cli import main
 
 SECTION_KEYS = {
@@ -13,7 +14,7 @@ SECTION_KEYS = {
                   "loop_over_grouped"],
     "model_step": ["moe_over_dense_flops", "moe_over_dense_params", "moe_s", "dense_flops_s", "dense_params_s"],
     "generation": ["moe_step_over_dense_flops", "moe_clip_over_dense_flops"],
-    "peer": ["latte_s", "ours_s", "ours_over_latte"],
+    "peer": ["latte_s", "ours_s", "ours_over_latte", "ours_latte_matched_s", "ours_latte_matched_over_latte"],
     "data": ["cache_clips_per_s", "decode_clips_per_s", "train_clips_per_s", "cache_over_train"],
 }
 MODEL_KEYS = ["step_s", "clips_per_s", "peak_memory_mb", "params_total", "params_active"]
@@ -97,3 +98,22 @@ def test_latte_sees_the_same_tokens_with_temporal_patches():
     latte = LatteTransformer3DModel(**latte_config(cfg))
     text = torch.randn(1, cfg.text_max_length, cfg.hidden_size)
     assert latte(folded, timestep=torch.tensor([500.0]), encoder_hidden_states=text).sample.shape == folded.shape
+
+
+def test_latte_matched_model_has_lattes_feed_forward_compute_and_spatial_cross_attention():
+    from diffusers import LatteTransformer3DModel
+
+    from vidmoe.model import build_model
+
+    size = SIZES["full"]
+    cfg = model_configs(size)["moe"]
+    matched = build_model(latte_matched_config(size, cfg).model)
+    latte = LatteTransformer3DModel(**latte_config(cfg.model))
+    ffn = latte.transformer_blocks[0].ff
+    latte_ffn = sum(m.weight.numel() for m in ffn.modules() if isinstance(m, torch.nn.Linear))
+    experts = matched.spatial_blocks[0].ffn.experts
+    per_token = cfg.model.moe.top_k * (experts.w_in[0].numel() + experts.w_out[0].numel())
+    assert per_token == latte_ffn  # multiply-adds per token: top-k SwiGLU experts = one GELU MLP of 4x width
+    assert all(b.cross_attn is not None for b in matched.spatial_blocks)
+    assert all(b.cross_attn is None for b in matched.temporal_blocks)
+    assert latte.temporal_transformer_blocks[0].attn2 is None  # Latte's temporal blocks have no text either

@@ -442,6 +442,19 @@ def latte_config(model_cfg: ModelConfig) -> dict:
                 norm_elementwise_affine=False, norm_eps=1e-6)
 
 
+def latte_matched_overrides(model_cfg: ModelConfig) -> list[str]:
+    """Our MoE model with Latte's compute per token: text cross-attention in the spatial sub-blocks
+    only, and experts narrowed so top-k SwiGLU experts (3 matrices of D x H each) cost what Latte's
+    GELU feed-forward (2 matrices of D x 4D) does: H = 8D / (3k), a multiple of 16."""
+    moe = model_cfg.moe
+    hidden = 8 * model_cfg.hidden_size / (3 * (moe.top_k + moe.num_shared_experts))
+    return ["model.cross_attention=spatial", f"model.moe.expert_hidden={max(16, 16 * round(hidden / 16))}"]
+
+
+def latte_matched_config(size: BenchSize, cfg: Config) -> Config:
+    return _load_config(size, latte_matched_overrides(cfg.model))
+
+
 def fold_time(x: torch.Tensor, temporal_patch: int) -> torch.Tensor:
     """[B, C, T, H, W] -> [B, pt*C, T/pt, H, W]: a temporal patch of pt frames becomes pt channel groups."""
     return rearrange(x, "b c (t pt) h w -> b (pt c) t h w", pt=temporal_patch)
@@ -485,10 +498,13 @@ def bench_peer(size: BenchSize, device: torch.device, precision: str, repeats: i
     latte = LatteTransformer3DModel(**latte_args).to(device)
     ours = build_model(cfg.model).to(device)
     dense = build_model(configs["dense_flops"].model).to(device)
+    matched_cfg = latte_matched_config(size, cfg)
+    matched = build_model(matched_cfg.model).to(device)
     batch = _batch(cfg, size.batch_size, device)
     steps = {
         "ours": training_step(ours, cfg, batch, device, precision),
         "ours_dense_flops": training_step(dense, configs["dense_flops"], batch, device, precision),
+        "ours_latte_matched": training_step(matched, matched_cfg, batch, device, precision),
         "latte": latte_step(latte, cfg, batch, device, precision),
     }
     times = interleaved(steps, repeats, warmup, device)
@@ -504,6 +520,10 @@ def bench_peer(size: BenchSize, device: torch.device, precision: str, repeats: i
         "ours_dense_flops_s": med["ours_dense_flops"],
         "ours_over_latte": med["ours"] / med["latte"],
         "dense_flops_over_latte": med["ours_dense_flops"] / med["latte"],
+        "ours_latte_matched_s": med["ours_latte_matched"],
+        "ours_latte_matched_params": matched.parameter_counts(),
+        "ours_latte_matched_overrides": latte_matched_overrides(cfg.model),
+        "ours_latte_matched_over_latte": med["ours_latte_matched"] / med["latte"],
         "samples": times,
     }
 
@@ -566,6 +586,7 @@ TARGETS = [
     Target("model_step", "moe_over_dense_flops", "training step MoE / dense_flops", "<=", 1.15),
     Target("model_step", "moe_over_dense_params", "training step MoE / dense_params", "<=", 0.6),
     Target("peer", "ours_over_latte", "training step ours / Latte at equal size", "<=", 1.0),
+    Target("peer", "ours_latte_matched_over_latte", "... ours at Latte's compute per token / Latte", "<=", 1.0),
     Target("data", "cache_over_train", "cache clips/s / clips/s training consumes", ">=", 10.0),
 ]
 
@@ -635,8 +656,13 @@ def format_table(result: dict) -> str:
         r = s["peer"]
         lines += [row("peer", "ours (MoE)", _ms(r["ours_s"]), f"{r['ours_params']['total'] / 1e6:.2f}M params"),
                   row("", "ours (dense_flops)", _ms(r["ours_dense_flops_s"]), ""),
+                  row("", "ours (MoE, Latte's compute)", _ms(r["ours_latte_matched_s"]),
+                      f"{r['ours_latte_matched_params']['total'] / 1e6:.2f}M params "
+                      f"({r['ours_latte_matched_params']['active'] / 1e6:.2f}M active): "
+                      + " ".join(r["ours_latte_matched_overrides"])),
                   row("", "diffusers Latte", _ms(r["latte_s"]), f"{r['latte_params'] / 1e6:.2f}M params; "
-                                                                 f"ours/Latte {r['ours_over_latte']:.2f}")]
+                                                                 f"ours/Latte {r['ours_over_latte']:.2f}, "
+                                                                 f"matched/Latte {r['ours_latte_matched_over_latte']:.2f}")]
     if measured("data"):
         r = s["data"]
         train = r["train_clips_per_s"]

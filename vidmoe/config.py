@@ -65,6 +65,7 @@ class ModelConfig:
     text_layers: int = 1
     vocab: list[str] = field(default_factory=list)  # filled from the data when empty
     cond_dropout: float = 0.1  # probability of dropping class and text in training
+    cross_attention: str = "both"  # sub-blocks that attend to the text: both | spatial (as Latte)
     vae: Optional[str] = None  # local diffusers AutoencoderKL folder: train in latent space
     vae_channels: int = 4  # latent channels of that VAE
     vae_scale: int = 8  # its spatial downsampling factor
@@ -175,6 +176,7 @@ _CHOICES = {
     ("model", "ffn"): ("moe", "dense"),
     ("model", "dense_match"): (None, "flops", "params"),
     ("model", "prediction"): ("x0", "velocity"),
+    ("model", "cross_attention"): ("both", "spatial"),
     ("train", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
     ("sample", "format"): ("mp4", "gif", "webm", "png"),
 }

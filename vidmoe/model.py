@@ -73,7 +73,7 @@ class SubBlock(nn.Module):
         self.kind = kind
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, cfg.num_heads, cfg.qk_norm)
-        has_text = cfg.text or cfg.text_encoder is not None
+        has_text = (cfg.text or cfg.text_encoder is not None) and (kind == "spatial" or cfg.cross_attention == "both")
         self.norm_cross = nn.LayerNorm(d, eps=1e-6) if has_text else None
         self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, context_dim=d) if has_text else None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
