@@ -59,6 +59,23 @@ def test_export_round_trip(run_dir, cfg):
     assert torch.equal(videos, generate(run_dir / "model", num_videos=2, steps=3, seed=5, device="cpu"))
 
 
+@pytest.mark.slow
+def test_fp16_copy_loads_in_fp32_and_generates_the_same_clips(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    half = tmp_path / "half"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(run_dir / "model"), str(half)],
+                   check=True, capture_output=True)
+    stored = load_file(half / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    model, _, _ = load_model_dir(half, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    full = generate(run_dir / "model", num_videos=2, steps=3, seed=5, device="cpu").int()
+    copy = generate(half, num_videos=2, steps=3, seed=5, device="cpu").int()
+    assert (full - copy).abs().max() <= 2  # uint8 levels: fp16 rounding of the weights only
+
+
 def test_seed_and_batch_size():
     model = random_model()
     a = generate(model, prompt="a red circle", num_videos=3, steps=2, seed=1, batch_size=3)

@@ -53,7 +53,9 @@ def load_model_dir(path: str | Path, device: Optional[torch.device | str] = None
     except ConfigError as err:
         raise ModelFolderError(f"{path / CONFIG_FILE}: {err}") from None
     try:
-        model = VidMoETransformer.from_pretrained(path)
+        # fp32 whatever the file holds (a folder may store fp16 weights to be small): autocast,
+        # not the weights' dtype, decides the compute precision.
+        model = VidMoETransformer.from_pretrained(path, torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelFolderError(f"cannot load the model weights in {path}: {str(err).splitlines()[0]}") from None
     vae = None
