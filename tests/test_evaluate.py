@@ -87,3 +87,30 @@ def test_eval_of_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--out", str(tmp_path / "eval")]) == 2
     assert "is not a vidmoe model folder" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_time_to_quality_evaluates_every_snapshot_once(tmp_path):
+    import subprocess
+    import sys
+
+    from vidmoe.train import train
+
+    runs = []
+    for name, ffn in (("moe", "moe"), ("dense", "dense")):
+        run = tmp_path / name
+        train(load_config(TINY, [f"train.output_dir={run}", 'train.mixed_precision="no"', "train.max_steps=4",
+                                 "train.snapshot_every=2", "train.checkpoint_every=0", f"model.ffn={ffn}"]))
+        runs.append(run)
+    out = tmp_path / "ttq"
+    command = [sys.executable, str(ROOT / "scripts" / "time_to_quality.py"), "--runs", *map(str, runs),
+               "--out", str(out), "--num-videos", "2", "--clips", "2", "--steps", "2"]
+    first = subprocess.run(command, check=True, capture_output=True, text=True)
+    rows = json.loads((out / "time_to_quality.json").read_text())
+    # snapshots at steps 2 and 4, plus model/ (the same step 4 weights) once per run
+    assert [(r["run"], r["step"]) for r in rows] == [("moe", 2), ("moe", 4), ("dense", 2), ("dense", 4)]
+    assert all(np.isfinite(r["heldout_loss"]) and 0 <= r["frozen_or_empty_rate"] <= 1 for r in rows)
+    assert rows[0]["minutes"] <= rows[1]["minutes"]
+    assert (out / "time_to_quality.png").stat().st_size > 10_000
+    second = subprocess.run(command, check=True, capture_output=True, text=True)
+    assert first.stdout.count('"run"') == 4 and second.stdout.count('"run"') == 0  # nothing evaluated twice
