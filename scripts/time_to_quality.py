@@ -47,7 +47,7 @@ def snapshot_rows(run: Path, name: str, out: Path, done: dict, args) -> list[dic
             rows.append(done[key])
             continue
         metrics = evaluate(snap, out=out / "evals" / f"{name}-{info['step']:07d}", num_videos=args.num_videos,
-                           steps=args.steps, guidance=args.guidance, clips=args.clips)
+                           steps=args.steps, guidance=args.guidance, clips=args.clips, shift=args.shift)
         checker = metrics["physics"]["checker"]
         row = {"run": name, "step": info["step"], "minutes": info["train_seconds"] / 60,
                "heldout_loss": metrics["heldout_loss"]["mean"],
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=32, help="held-out clips for the loss and the real reference")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float)
+    parser.add_argument("--shift", type=float, help="sampling timestep shift (default: each model's own)")
     args = parser.parse_args()
     names = args.names or [run.name for run in args.runs]
     if len(names) != len(args.runs):

@@ -76,6 +76,14 @@ def test_fp16_copy_loads_in_fp32_and_generates_the_same_clips(run_dir, tmp_path)
     assert (full - copy).abs().max() <= 2  # uint8 levels: fp16 rounding of the weights only
 
 
+def test_shift_overrides_the_saved_schedule(run_dir):
+    def clips(**kw):
+        return generate(run_dir / "model", num_videos=2, steps=3, seed=5, device="cpu", **kw)
+
+    assert torch.equal(clips(), clips(shift=1.0))  # the export saved sample.shift = 1
+    assert not torch.equal(clips(), clips(shift=3.0))
+
+
 def test_seed_and_batch_size():
     model = random_model()
     a = generate(model, prompt="a red circle", num_videos=3, steps=2, seed=1, batch_size=3)

@@ -152,6 +152,9 @@ class SampleConfig:
     steps: int = 30
     guidance: float = 3.0
     scheduler: str = "FlowMatchEulerDiscreteScheduler"
+    # Timestep shift s of the sampling schedule: t -> s t / (1 + (s - 1) t) spends more of the
+    # steps near t = 1, where a clip's layout is decided. Saved with the exported model.
+    shift: float = 1.0
     num_videos: int = 8
     fps: int = 8
     format: str = "mp4"  # mp4 | gif | webm | png
@@ -397,6 +400,7 @@ def validate(cfg: Config) -> None:
     for name in ("checkpoint_every", "sample_every", "snapshot_every", "warmup_steps"):
         _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _check(t.lr > 0, "train.lr must be positive")
+    _check(cfg.sample.shift > 0, "sample.shift must be > 0")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     _check(len(t.betas) == 2, "train.betas must be [beta1, beta2]")
     s = cfg.sample

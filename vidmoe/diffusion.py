@@ -108,13 +108,16 @@ def _module_device(model: Any) -> torch.device:
 def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor] = None,
            captions: Optional[Sequence[str]] = None, steps: int = 30, guidance: float = 3.0,
            scheduler_name: Optional[str] = None, generator: Optional[torch.Generator] = None, *,
-           noise: Optional[torch.Tensor] = None, scheduler_config: Optional[dict] = None,
+           noise: Optional[torch.Tensor] = None, scheduler_config: Optional[dict] = None, shift: Optional[float] = None,
            device: Optional[torch.device | str] = None) -> torch.Tensor:
     """Integrate the flow from noise (t = 1) to data (t = 0); returns x0 float [B, C, T, H, W].
 
+    ``shift`` replaces the schedule's timestep shift (that of ``scheduler_config``, else 1).
     ``noise`` overrides the draw from ``generator`` (drawn on the generator's device, then moved,
     so a CPU generator gives the same clips on any device).
     """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     device = torch.device(device) if device is not None else _module_device(model)
     if noise is None:
         noise = torch.randn(tuple(shape), generator=generator,
@@ -122,6 +125,8 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
     x = noise.to(device=device, dtype=torch.float32)
     if labels is not None:
         labels = labels.to(device)
+    if shift is not None:  # overrides a saved scheduler's shift
+        scheduler_config = {**(scheduler_config or FlowMatchEulerDiscreteScheduler().config), "shift": shift}
     scheduler = make_scheduler(scheduler_name, scheduler_config)
     scheduler.set_timesteps(steps, device=device)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}

@@ -106,7 +106,7 @@ def _conditions(cfg: Config, prompt, label, n: int):
 @torch.no_grad()
 def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label: Optional[int | list[int]] = None,
              num_videos: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0, *,
-             scheduler: Optional[str] = None,
+             scheduler: Optional[str] = None, shift: Optional[float] = None,
              batch_size: Optional[int] = None, device: Optional[torch.device | str] = None,
              out: Optional[str | Path] = None, format: Optional[str] = None, fps: Optional[int] = None,
              vae=None) -> torch.Tensor:
@@ -143,7 +143,7 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
             x = sample(model, noise[chunk].shape, labels=None if labels is None else labels[chunk],
                        captions=None if captions is None else captions[chunk], steps=steps, guidance=guidance,
                        scheduler_name=scheduler or cfg.sample.scheduler, noise=noise[chunk],
-                       scheduler_config=scheduler_config, device=device)
+                       scheduler_config=scheduler_config, shift=shift, device=device)
             if vae is not None:
                 x = vae_decode(vae, x)
             clips.append(to_uint8_frames(x).cpu())
@@ -180,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("mp4", "gif", "webm", "png"), help="file format (default: sample.format)")
     parser.add_argument("--fps", type=int, help="frames per second of the files (default: sample.fps)")
     parser.add_argument("--scheduler", help="euler, heun, dpm++, unipc or a diffusers flow scheduler class name")
+    parser.add_argument("--shift", type=float, help="timestep shift of the schedule (default: the model's sample.shift)")
     parser.add_argument("--batch-size", type=int, help="clips per forward pass (default: up to 8)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
@@ -196,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
 
     videos = generate(model_dir, prompt=args.prompt, label=args.label, num_videos=pick(args.num_videos, s.num_videos),
                       steps=pick(args.steps, s.steps), guidance=pick(args.guidance, s.guidance),
-                      seed=pick(args.seed, s.seed), scheduler=pick(args.scheduler, s.scheduler),
+                      seed=pick(args.seed, s.seed), scheduler=pick(args.scheduler, s.scheduler), shift=args.shift,
                       batch_size=args.batch_size, device=args.device)
     paths = save_videos(videos, args.out, pick(args.format, s.format), pick(args.fps, s.fps))
     print(f"wrote {len(paths)} file(s) to {args.out}: {', '.join(p.name for p in paths[:4])}"

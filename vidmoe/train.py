@@ -422,7 +422,7 @@ class Trainer:
                 shutil.rmtree(tmp)
             export_model.save_pretrained(tmp)
             save_config(cfg, tmp / CONFIG_FILE)
-            make_scheduler(cfg.sample.scheduler).save_pretrained(tmp / "scheduler")
+            make_scheduler(cfg.sample.scheduler, shift=cfg.sample.shift).save_pretrained(tmp / "scheduler")
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae")
             info = {"step": self.state.step, "train_seconds": round(self.elapsed(), 1), "parameters": self.counts}
@@ -457,6 +457,7 @@ class Trainer:
                 x = sample(self.model, shape, labels=labels if cfg.model.num_classes else None,
                            captions=captions if cfg.model.text or cfg.model.text_encoder else None,
                            steps=cfg.sample.steps, guidance=cfg.sample.guidance, scheduler_name=cfg.sample.scheduler,
+                           shift=cfg.sample.shift,
                            generator=torch.Generator().manual_seed(cfg.sample.seed), device=self.accelerator.device)
         finally:
             self.model.train()
