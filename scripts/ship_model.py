@@ -1,10 +1,15 @@
-"""Copy an exported model folder with its weights stored in fp16: half the size, same clips.
+"""Copy an exported model folder with its weights stored in fp16: half the size, for shipping.
 
-    python scripts/ship_model.py runs/moe/model samples/bouncing-moe
+    python scripts/ship_model.py runs/moe/model samples/bouncing-moe [--scheduler euler-stochastic --shift 3]
+
+``--scheduler``, ``--shift`` and ``--guidance`` set the copy's sampling defaults (its ``sample``
+section and saved scheduler), so `vidmoe generate` uses them without flags.
 
 `vidmoe generate` and every other loader read the weights back into fp32, so the only change is
 the rounding of each weight to fp16 (relative error below 5e-4; this script reports the largest
-difference in the model's output on one random input).
+difference in the model's output on one random input). A 30-step sampling run amplifies it: on
+the shipped bouncing model, 0.5% of the pixels of a clip differed by more than 8 levels of 255
+from the fp32 model's clip with the same seed. Evaluate the copy itself, not the original.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from vidmoe.generate import load_model_dir, resolve_model_dir
+from vidmoe.config import save_config
+from vidmoe.diffusion import make_scheduler
+from vidmoe.generate import CONFIG_FILE, load_model_dir, resolve_model_dir
 
 KEEP = ("vidmoe_config.yaml", "train_info.json", "scheduler", "vae")  # copied as they are
 
@@ -24,6 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="exported model folder (runs/NAME/model)")
     parser.add_argument("dst", type=Path, help="new folder (replaced if it exists)")
+    parser.add_argument("--scheduler", help="sampling scheduler of the copy (default: the model's)")
+    parser.add_argument("--shift", type=float, help="sampling timestep shift of the copy (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale of the copy (default: the model's)")
     args = parser.parse_args()
     src = resolve_model_dir(args.src)
     model, cfg, _ = load_model_dir(src, "cpu")
@@ -36,6 +46,11 @@ def main() -> None:
             shutil.copytree(path, args.dst / name)
         elif path.is_file():
             shutil.copy2(path, args.dst / name)
+    s = cfg.sample
+    s.scheduler, s.shift, s.guidance = (args.scheduler or s.scheduler, s.shift if args.shift is None else args.shift,
+                                        s.guidance if args.guidance is None else args.guidance)
+    save_config(cfg, args.dst / CONFIG_FILE)
+    make_scheduler(s.scheduler, shift=s.shift).save_pretrained(args.dst / "scheduler")
     m = cfg.model
     x = torch.randn(2, m.latent_channels, m.num_frames, *m.latent_size, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.3, 0.8])

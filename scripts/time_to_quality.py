@@ -47,7 +47,8 @@ def snapshot_rows(run: Path, name: str, out: Path, done: dict, args) -> list[dic
             rows.append(done[key])
             continue
         metrics = evaluate(snap, out=out / "evals" / f"{name}-{info['step']:07d}", num_videos=args.num_videos,
-                           steps=args.steps, guidance=args.guidance, clips=args.clips, shift=args.shift)
+                           steps=args.steps, guidance=args.guidance, clips=args.clips, shift=args.shift,
+                           scheduler=args.scheduler)
         checker = metrics["physics"]["checker"]
         row = {"run": name, "step": info["step"], "minutes": info["train_seconds"] / 60,
                "heldout_loss": metrics["heldout_loss"]["mean"],
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--shift", type=float, help="sampling timestep shift (default: each model's own)")
+    parser.add_argument("--scheduler", help="sampling scheduler (default: each model's own)")
     args = parser.parse_args()
     names = args.names or [run.name for run in args.runs]
     if len(names) != len(args.runs):

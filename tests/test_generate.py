@@ -93,6 +93,19 @@ def test_seed_and_batch_size():
     assert not torch.equal(a, c)
 
 
+def test_stochastic_sampler_is_seeded_per_clip():
+    model = random_model()
+
+    def clips(**kw):
+        return generate(model, prompt="a red circle", num_videos=3, steps=3, **kw).int()
+
+    a = clips(seed=1, batch_size=3, scheduler="euler-stochastic")
+    b = clips(seed=1, batch_size=1, scheduler="euler-stochastic")
+    assert (a - b).abs().max() <= 1  # each clip's step noise is its own stream
+    assert not torch.equal(a, clips(seed=2, scheduler="euler-stochastic"))
+    assert not torch.equal(a, clips(seed=1, batch_size=3, scheduler="euler"))
+
+
 def test_guidance_changes_the_clips():
     model = random_model()
     plain = generate(model, prompt="a blue circle", label=1, num_videos=2, steps=2, guidance=1.0, seed=0)

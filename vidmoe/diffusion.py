@@ -22,11 +22,17 @@ from .errors import UsageError
 # name is accepted as well.
 SCHEDULER_ALIASES = {
     "euler": "FlowMatchEulerDiscreteScheduler",
+    # Each step jumps to the x0 estimate and re-noises it with fresh noise to the next level
+    # (diffusers' stochastic_sampling). It forgets the errors of earlier steps instead of
+    # integrating them: an undertrained model's objects come out whole instead of in fragments.
+    "euler-stochastic": "FlowMatchEulerDiscreteScheduler",
     "heun": "FlowMatchHeunDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "dpmsolver": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+# Settings an alias implies, over those of a saved scheduler config.
+SCHEDULER_SETTINGS = {"euler": {"stochastic_sampling": False}, "euler-stochastic": {"stochastic_sampling": True}}
 DEFAULT_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 
 
@@ -72,6 +78,7 @@ def make_scheduler(name: Optional[str] = None, config: Optional[dict] = None, sh
 
     cls = scheduler_class(name)
     base = dict(config) if config else dict(FlowMatchEulerDiscreteScheduler(shift=shift).config)
+    base.update(SCHEDULER_SETTINGS.get((name or "").lower(), {}))
     init_keys = inspect.signature(cls.__init__).parameters
     if "use_flow_sigmas" in init_keys:
         # Multistep solvers (DPM-Solver++, UniPC) follow the flow path only when told to.
@@ -113,6 +120,8 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
     """Integrate the flow from noise (t = 1) to data (t = 0); returns x0 float [B, C, T, H, W].
 
     ``shift`` replaces the schedule's timestep shift (that of ``scheduler_config``, else 1).
+    ``generator`` also draws a stochastic scheduler's noise; a list of generators, one per clip,
+    makes each clip's draws independent of the others in the batch.
     ``noise`` overrides the draw from ``generator`` (drawn on the generator's device, then moved,
     so a CPU generator gives the same clips on any device).
     """
@@ -120,6 +129,8 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
 
     device = torch.device(device) if device is not None else _module_device(model)
     if noise is None:
+        if isinstance(generator, list):
+            raise ValueError("pass noise when generator is a list")
         noise = torch.randn(tuple(shape), generator=generator,
                             device=generator.device if generator is not None else "cpu")
     x = noise.to(device=device, dtype=torch.float32)

@@ -151,7 +151,7 @@ def physics_report(generated: np.ndarray, real: np.ndarray, expected_counts: Opt
 
 def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 16, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, clips: int = 32, device=None, resamples: int = 200,
-             batch_size: int = 16, shift: Optional[float] = None) -> dict:
+             batch_size: int = 16, shift: Optional[float] = None, scheduler: Optional[str] = None) -> dict:
     """Evaluate an exported model folder on ``data``'s held-out clips; writes ``out`` (module doc), returns metrics.
 
     ``steps`` and ``guidance`` default to the model's sample settings. ModelFolderError when
@@ -171,10 +171,12 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
     loss = heldout_loss(model, cfg, items, vae=vae, seed=seed, batch_size=batch_size)
     captions, labels, expected = _conditions(cfg, items, num_videos)
     videos = generate(model_path, prompt=captions, label=labels, num_videos=num_videos, steps=steps,
-                      guidance=guidance, seed=seed, shift=shift, device=device)
+                      guidance=guidance, seed=seed, shift=shift, scheduler=scheduler or cfg.sample.scheduler,
+                      device=device)
     summary, per_clip = physics_report(videos.numpy(), to_uint8_clips(items), expected, resamples, seed)
     summary["generation"] = {"num_videos": num_videos, "steps": steps, "guidance": guidance, "seed": seed,
                              "shift": cfg.sample.shift if shift is None else shift,
+                             "scheduler": scheduler or cfg.sample.scheduler,
                              "conditions": "captions and labels of the first held-out clips"}
 
     metrics = {
@@ -270,6 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's sample.steps)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's sample.guidance)")
     parser.add_argument("--shift", type=float, help="sampling timestep shift (default: the model's sample.shift)")
+    parser.add_argument("--scheduler", help="euler, euler-stochastic, heun, ... (default: the model's sample.scheduler)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the loss noise, generation and bootstrap")
     parser.add_argument("--clips", type=int, default=32,
                         help="held-out clips for the loss and the real/static/shuffled references (default 32)")
@@ -281,7 +284,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, data=args.data, out=args.out, num_videos=args.num_videos, steps=args.steps,
                        guidance=args.guidance, seed=args.seed, clips=args.clips, device=args.device,
-                       resamples=args.bootstrap, batch_size=args.batch_size, shift=args.shift)
+                       resamples=args.bootstrap, batch_size=args.batch_size, shift=args.shift,
+                       scheduler=args.scheduler)
     phys = metrics["physics"]
     print(f"held-out loss {metrics['heldout_loss']['mean']:.4f}; plausible clips: "
           + ", ".join(f"{name} {_fmt(phys[name]['plausible']).split(' ')[0]}" for name in REFERENCES))

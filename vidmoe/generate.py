@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .config import Config, ConfigError, load_config
@@ -135,6 +136,8 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
     captions, labels = _conditions(cfg, prompt, label, num_videos)
     shape = (num_videos, m.latent_channels, m.num_frames, *m.latent_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    # A stochastic scheduler's noise: one stream per clip, so clips do not depend on batch_size.
+    streams = [torch.Generator().manual_seed(int(s)) for s in np.random.SeedSequence(seed).generate_state(num_videos)]
     batch_size = batch_size or min(num_videos, 8)
     clips = []
     try:
@@ -143,7 +146,8 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
             x = sample(model, noise[chunk].shape, labels=None if labels is None else labels[chunk],
                        captions=None if captions is None else captions[chunk], steps=steps, guidance=guidance,
                        scheduler_name=scheduler or cfg.sample.scheduler, noise=noise[chunk],
-                       scheduler_config=scheduler_config, shift=shift, device=device)
+                       scheduler_config=scheduler_config, shift=shift, device=device,
+                       generator=streams[chunk])
             if vae is not None:
                 x = vae_decode(vae, x)
             clips.append(to_uint8_frames(x).cpu())
