@@ -234,7 +234,8 @@ def format_report(metrics: dict) -> str:
     gen = phys["generation"]
     lines = [f"# vidmoe eval: {metrics['model']}", "",
              f"Data: `{metrics['data']}` (eval split). Generated clips: {gen['num_videos']} "
-             f"({gen['steps']} steps, guidance {gen['guidance']}, seed {gen['seed']}), asked for the captions/labels "
+             f"({gen['steps']} steps of {gen.get('scheduler')}, shift {gen.get('shift')}, guidance {gen['guidance']}, "
+             f"seed {gen['seed']}), asked for the captions/labels "
              "of the first held-out clips.", "",
              "## Held-out loss", "",
              f"Flow-matching loss on {loss['clips']} held-out clips x {len(loss['timesteps'])} fixed timesteps "
