@@ -82,6 +82,18 @@ def test_eval_command_writes_loss_and_physics(model_dir, tmp_path, capsys):
     assert "held-out loss" in capsys.readouterr().out
 
 
+def test_unconditional_eval_compares_count_histograms(model_dir, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(model_dir), "--out", str(out), "--num-videos", "2", "--steps", "2",
+                 "--clips", "2", "--bootstrap", "5", "--device", "cpu", "--unconditional",
+                 "--scheduler", "euler-stochastic", "--shift", "3"]) == 0
+    physics = json.loads((out / "metrics.json").read_text())["physics"]
+    assert physics["checker"]["agreement_basis"] == "count distribution overlap with real"
+    assert physics["generation"]["conditions"] == "none (unconditional)"
+    assert (physics["generation"]["scheduler"], physics["generation"]["shift"]) == ("euler-stochastic", 3.0)
+    assert "euler-stochastic, shift 3.0" in (out / "report.md").read_text()
+
+
 def test_eval_of_a_folder_that_is_not_a_model(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["eval", "--model", str(tmp_path), "--out", str(tmp_path / "eval")]) == 2

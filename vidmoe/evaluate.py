@@ -151,7 +151,8 @@ def physics_report(generated: np.ndarray, real: np.ndarray, expected_counts: Opt
 
 def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 16, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, clips: int = 32, device=None, resamples: int = 200,
-             batch_size: int = 16, shift: Optional[float] = None, scheduler: Optional[str] = None) -> dict:
+             batch_size: int = 16, shift: Optional[float] = None, scheduler: Optional[str] = None,
+             unconditional: bool = False) -> dict:
     """Evaluate an exported model folder on ``data``'s held-out clips; writes ``out`` (module doc), returns metrics.
 
     ``steps`` and ``guidance`` default to the model's sample settings. ModelFolderError when
@@ -169,7 +170,7 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
     items = heldout_items(cfg, data, clips)
 
     loss = heldout_loss(model, cfg, items, vae=vae, seed=seed, batch_size=batch_size)
-    captions, labels, expected = _conditions(cfg, items, num_videos)
+    captions, labels, expected = (None, None, None) if unconditional else _conditions(cfg, items, num_videos)
     videos = generate(model_path, prompt=captions, label=labels, num_videos=num_videos, steps=steps,
                       guidance=guidance, seed=seed, shift=shift, scheduler=scheduler or cfg.sample.scheduler,
                       device=device)
@@ -177,7 +178,8 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
     summary["generation"] = {"num_videos": num_videos, "steps": steps, "guidance": guidance, "seed": seed,
                              "shift": cfg.sample.shift if shift is None else shift,
                              "scheduler": scheduler or cfg.sample.scheduler,
-                             "conditions": "captions and labels of the first held-out clips"}
+                             "conditions": "none (unconditional)" if unconditional
+                             else "captions and labels of the first held-out clips"}
 
     metrics = {
         "schema_version": SCHEMA_VERSION,
@@ -235,8 +237,7 @@ def format_report(metrics: dict) -> str:
     lines = [f"# vidmoe eval: {metrics['model']}", "",
              f"Data: `{metrics['data']}` (eval split). Generated clips: {gen['num_videos']} "
              f"({gen['steps']} steps of {gen.get('scheduler')}, shift {gen.get('shift')}, guidance {gen['guidance']}, "
-             f"seed {gen['seed']}), asked for the captions/labels "
-             "of the first held-out clips.", "",
+             f"seed {gen['seed']}); conditions: {gen['conditions']}.", "",
              "## Held-out loss", "",
              f"Flow-matching loss on {loss['clips']} held-out clips x {len(loss['timesteps'])} fixed timesteps "
              f"with fixed noise (seed {loss['seed']}): **{loss['mean']:.4f}** "
@@ -272,6 +273,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-videos", type=int, default=16, help="clips to generate for the physics (default 16)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's sample.steps)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's sample.guidance)")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="generate without captions or labels (objects per frame then compares count histograms)")
     parser.add_argument("--shift", type=float, help="sampling timestep shift (default: the model's sample.shift)")
     parser.add_argument("--scheduler", help="euler, euler-stochastic, heun, ... (default: the model's sample.scheduler)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the loss noise, generation and bootstrap")
@@ -286,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, data=args.data, out=args.out, num_videos=args.num_videos, steps=args.steps,
                        guidance=args.guidance, seed=args.seed, clips=args.clips, device=args.device,
                        resamples=args.bootstrap, batch_size=args.batch_size, shift=args.shift,
-                       scheduler=args.scheduler)
+                       scheduler=args.scheduler, unconditional=args.unconditional)
     phys = metrics["physics"]
     print(f"held-out loss {metrics['heldout_loss']['mean']:.4f}; plausible clips: "
           + ", ".join(f"{name} {_fmt(phys[name]['plausible']).split(' ')[0]}" for name in REFERENCES))
