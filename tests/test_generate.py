@@ -161,6 +161,20 @@ def test_png_grid(run_dir, cfg, tmp_path):
     assert len(frames) == 1 and frames[0].shape[:2] == (2 * (h + 1) - 1, t * (w + 1) - 1)
 
 
+def test_prompts_file_gives_a_clip_per_line(run_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle bouncing\n\na blue square bouncing\n")
+    args = ["generate", "--model", str(run_dir / "model"), "--steps", "2", "--format", "gif", "--device", "cpu"]
+    assert main([*args, "--prompts-file", str(prompts), "--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["sample_000.gif", "sample_001.gif"]
+    assert all(len(_decode(tmp_path / "a" / f"sample_00{i}.gif")[0]) == 4 for i in range(2))  # tiny: 4 frames
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main([*args, "--prompts-file", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "b")]) == 2
+    assert main([*args, "--prompts-file", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "has no prompts" in err and "missing.txt" in err
+
+
 def test_not_a_model_folder(tmp_path, capsys):
     with pytest.raises(ModelFolderError, match="does not exist"):
         load_model_dir(tmp_path / "missing")

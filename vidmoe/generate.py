@@ -175,6 +175,8 @@ def save_videos(videos: torch.Tensor, out: str | Path, format: str = "mp4", fps:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="exported model folder (runs/NAME/model)")
     parser.add_argument("--prompt", help="text prompt (models trained with captions)")
+    parser.add_argument("--prompts-file", metavar="FILE",
+                        help="one prompt per line, a clip each (default --num-videos: the number of lines)")
     parser.add_argument("--label", type=int, help="class label (models trained with classes)")
     parser.add_argument("--num-videos", type=int, help="clips to generate (default: the model's sample.num_videos)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: sample.steps)")
@@ -199,7 +201,18 @@ def main(args: argparse.Namespace) -> int:
     def pick(value, default):
         return default if value is None else value
 
-    videos = generate(model_dir, prompt=args.prompt, label=args.label, num_videos=pick(args.num_videos, s.num_videos),
+    prompt, num_videos = args.prompt, pick(args.num_videos, s.num_videos)
+    if args.prompts_file:
+        if args.prompt:
+            raise UsageError("give --prompt or --prompts-file, not both")
+        try:
+            prompt = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--prompts-file {args.prompts_file}: {err.strerror or err}") from None
+        if not prompt:
+            raise UsageError(f"--prompts-file {args.prompts_file} has no prompts")
+        num_videos = pick(args.num_videos, len(prompt))
+    videos = generate(model_dir, prompt=prompt, label=args.label, num_videos=num_videos,
                       steps=pick(args.steps, s.steps), guidance=pick(args.guidance, s.guidance),
                       seed=pick(args.seed, s.seed), scheduler=pick(args.scheduler, s.scheduler), shift=args.shift,
                       batch_size=args.batch_size, device=args.device)
