@@ -72,18 +72,23 @@ def scheduler_class(name: Optional[str] = None):
     return cls
 
 
-def make_scheduler(name: Optional[str] = None, config: Optional[dict] = None, shift: float = 1.0):
-    """A flow-matching scheduler by name, from a saved scheduler config when one is given."""
+def make_scheduler(name: Optional[str] = None, config: Optional[dict] = None, shift: Optional[float] = None):
+    """A flow-matching scheduler by name, from a saved scheduler config when one is given.
+
+    ``shift`` replaces the config's timestep shift (default: the config's, else 1).
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     cls = scheduler_class(name)
-    base = dict(config) if config else dict(FlowMatchEulerDiscreteScheduler(shift=shift).config)
+    base = dict(config) if config else dict(FlowMatchEulerDiscreteScheduler().config)
+    if shift is not None:
+        base["shift"] = shift
     base.update(SCHEDULER_SETTINGS.get((name or "").lower(), {}))
     init_keys = inspect.signature(cls.__init__).parameters
     if "use_flow_sigmas" in init_keys:
         # Multistep solvers (DPM-Solver++, UniPC) follow the flow path only when told to.
         base.update(use_flow_sigmas=True, prediction_type="flow_prediction",
-                    flow_shift=base.get("shift", shift), final_sigmas_type="zero")
+                    flow_shift=base.get("shift", 1.0), final_sigmas_type="zero")
     elif "FlowMatch" not in cls.__name__:
         raise UsageError(f"scheduler '{name}' is not a flow-matching scheduler; use one of "
                          f"{', '.join(SCHEDULER_ALIASES)} or a FlowMatch* class name")
@@ -125,8 +130,6 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
     ``noise`` overrides the draw from ``generator`` (drawn on the generator's device, then moved,
     so a CPU generator gives the same clips on any device).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     device = torch.device(device) if device is not None else _module_device(model)
     if noise is None:
         if isinstance(generator, list):
@@ -136,9 +139,7 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
     x = noise.to(device=device, dtype=torch.float32)
     if labels is not None:
         labels = labels.to(device)
-    if shift is not None:  # overrides a saved scheduler's shift
-        scheduler_config = {**(scheduler_config or FlowMatchEulerDiscreteScheduler().config), "shift": shift}
-    scheduler = make_scheduler(scheduler_name, scheduler_config)
+    scheduler = make_scheduler(scheduler_name, scheduler_config, shift)
     scheduler.set_timesteps(steps, device=device)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     # The model's t is the scheduler's sigma. Multistep solvers round their timestep labels to
