@@ -24,7 +24,7 @@ from vidmoe.config import save_config
 from vidmoe.diffusion import make_scheduler
 from vidmoe.generate import CONFIG_FILE, load_model_dir, resolve_model_dir
 
-KEEP = ("vidmoe_config.yaml", "train_info.json", "scheduler", "vae")  # copied as they are
+KEEP = ("train_info.json", "vae")  # copied as they are; the config and scheduler are rewritten below
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vidmoe.analysis.figures import _figure
+from vidmoe.analysis.figures import new_figure
 from vidmoe.evaluate import evaluate
 from vidmoe.train import SNAPSHOT_DIR
 
@@ -61,7 +61,7 @@ def snapshot_rows(run: Path, name: str, out: Path, done: dict, args) -> list[dic
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    fig = _figure(11, 7.5)
+    fig = new_figure(11, 7.5)
     axes = fig.subplots(2, 2).ravel()
     for ax, (key, label, ref) in zip(axes, PANELS):
         for name in dict.fromkeys(r["run"] for r in rows):

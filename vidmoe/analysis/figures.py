@@ -17,7 +17,7 @@ OVERLAY_ALPHA = 0.55  # weight of the expert colour in a tinted pixel
 OVERLAY_MIN_SIDE = 128  # overlay clips are enlarged (nearest neighbour) to at least this many pixels
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A Figure drawn by the Agg canvas, without selecting a global pyplot backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -64,7 +64,7 @@ def _heatmap(ax, values: np.ndarray, xlabels: Sequence[str], ylabels: Sequence[s
 def plot_load_heatmap(path: Path, names: Sequence[str], load: np.ndarray) -> Path:
     """Router x expert heatmap of assignment shares (each row sums to 1)."""
     load = np.asarray(load, dtype=np.float64)  # [L, E]
-    fig = _figure(1.2 + 0.45 * load.shape[1], 1.0 + 0.3 * len(names))
+    fig = new_figure(1.2 + 0.45 * load.shape[1], 1.0 + 0.3 * len(names))
     ax = fig.add_subplot(1, 1, 1)
     image = _heatmap(ax, load, [str(e) for e in range(load.shape[1])], names,
                      "expert load (share of assignments)", vmin=0.0)
@@ -76,7 +76,7 @@ def plot_load_heatmap(path: Path, names: Sequence[str], load: np.ndarray) -> Pat
 def plot_time_buckets(path: Path, names: Sequence[str], shares: Sequence[np.ndarray],
                       bucket_labels: Sequence[str]) -> Path:
     """Per router: P(expert | diffusion-time bucket) as an expert x bucket heatmap."""
-    fig = _figure(*_small_multiples_size(len(names), (2.6, 2.6)))
+    fig = new_figure(*_small_multiples_size(len(names), (2.6, 2.6)))
     for ax, name, share in zip(_grid_axes(fig, len(names)), names, shares):
         share = np.asarray(share, dtype=np.float64)  # [E, buckets]
         _heatmap(ax, share, bucket_labels, [str(e) for e in range(len(share))], name, vmin=0.0,
@@ -90,7 +90,7 @@ def plot_motion_lift(path: Path, names: Sequence[str], lifts: Sequence[Sequence[
                      null_mean: Sequence[Optional[Sequence[Optional[float]]]],
                      null_std: Sequence[Optional[Sequence[Optional[float]]]]) -> Path:
     """Per router: each expert's motion lift P(moving | expert) / P(moving), with the null band."""
-    fig = _figure(*_small_multiples_size(len(names), (2.8, 2.2)))
+    fig = new_figure(*_small_multiples_size(len(names), (2.8, 2.2)))
     for i, (ax, name) in enumerate(zip(_grid_axes(fig, len(names)), names)):
         values = _as_float(lifts[i])
         experts = np.arange(len(values))
@@ -111,7 +111,7 @@ def plot_motion_lift(path: Path, names: Sequence[str], lifts: Sequence[Sequence[
 
 def plot_pool_shares(path: Path, pool_names: Sequence[str], spatial_share: Sequence[Sequence[Optional[float]]]) -> Path:
     """Shared pools: each expert's share of tokens coming from the spatial vs the temporal router."""
-    fig = _figure(*_small_multiples_size(len(pool_names), (2.8, 2.2)))
+    fig = new_figure(*_small_multiples_size(len(pool_names), (2.8, 2.2)))
     for ax, name, share in zip(_grid_axes(fig, len(pool_names)), pool_names, spatial_share):
         share = np.nan_to_num(_as_float(share))
         experts = np.arange(len(share))
@@ -129,7 +129,7 @@ def plot_pool_shares(path: Path, pool_names: Sequence[str], spatial_share: Seque
 def plot_specialisation(path: Path, names: Sequence[str], attributes: Sequence[str], values: np.ndarray) -> Path:
     """Router x attribute heatmap of MI(expert; attribute) / H(attribute)."""
     values = np.asarray(values, dtype=np.float64)  # [L, A]
-    fig = _figure(1.5 + 0.7 * len(attributes), 1.0 + 0.3 * len(names))
+    fig = new_figure(1.5 + 0.7 * len(attributes), 1.0 + 0.3 * len(names))
     ax = fig.add_subplot(1, 1, 1)
     image = _heatmap(ax, values, attributes, names, "specialisation MI(expert; attr) / H(attr)", vmin=0.0)
     fig.colorbar(image, ax=ax)
@@ -139,7 +139,7 @@ def plot_specialisation(path: Path, names: Sequence[str], attributes: Sequence[s
 def plot_expert_legend(path: Path, colors: np.ndarray) -> Path:
     """The colour of each expert in the overlay videos."""
     colors = np.asarray(colors)
-    fig = _figure(0.5 + 0.4 * len(colors), 0.7)
+    fig = new_figure(0.5 + 0.4 * len(colors), 0.7)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(colors[None].astype(np.uint8), aspect="auto")
     ax.set_xticks(range(len(colors)), labels=[str(e) for e in range(len(colors))], fontsize=7)
