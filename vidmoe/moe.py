@@ -144,12 +144,12 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, inverse):
         ctx.save_for_backward(inverse)
-        return x[index]
+        return x.index_select(0, index)  # on CPUs ~8x faster than x[index] for whole rows
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        return grad.index_select(0, inverse), None, None
 
 
 class _Replicate(torch.autograd.Function):
@@ -159,13 +159,13 @@ class _Replicate(torch.autograd.Function):
     def forward(ctx, x, order, inverse, k):
         ctx.save_for_backward(inverse)
         ctx.k = k
-        return x[order // k]
+        return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         n = inverse.numel() // ctx.k
-        return grad[inverse].view(n, ctx.k, -1).sum(1), None, None, None
+        return grad.index_select(0, inverse).view(n, ctx.k, -1).sum(1), None, None, None
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -283,10 +283,11 @@ class MoEFeedForward(nn.Module):
             xs = _Replicate.apply(xc, order, inverse, k)  # [A, D] sorted by expert
             ys = self.experts(xs, counts, grouped=self._use_grouped_mm(x.device))  # [A, D]
             ys = _Permute.apply(ys, inverse, order).view(-1, k, x.shape[-1])  # [N, K, D] token-major
-            gates = route.gates.view(-1, 1, k).to(ys.dtype)  # [N, 1, K]
-            return torch.bmm(gates, ys).squeeze(1).to(x.dtype)  # [N, D]
+            gates = route.gates.view(-1, k, 1).to(ys.dtype)  # [N, K, 1]
+            # Elementwise, not bmm: N tiny [1, K] x [K, D] products ran ~4x slower (CPU, fwd+bwd).
+            return (ys * gates).sum(1).to(x.dtype)  # [N, D]
         tokens = route.token_ids[order]
-        ys = self.experts(xc[tokens], counts, grouped=self._use_grouped_mm(x.device))  # [A, D]
+        ys = self.experts(xc.index_select(0, tokens), counts, grouped=self._use_grouped_mm(x.device))  # [A, D]
         ys = ys * route.gates[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, ys.to(x.dtype))  # [N, D]
 
