@@ -15,6 +15,7 @@ from the fp32 model's clip with the same seed. Evaluate the copy itself, not the
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -22,9 +23,10 @@ import torch
 
 from vidmoe.config import save_config
 from vidmoe.diffusion import make_scheduler
-from vidmoe.generate import CONFIG_FILE, load_model_dir, resolve_model_dir
+from vidmoe.generate import CONFIG_FILE, EXAMPLE_CONDITIONS_FILE, example_conditions, load_model_dir, resolve_model_dir
 
-KEEP = ("train_info.json", "vae")  # copied as they are; the config and scheduler are rewritten below
+# Copied as they are; the config and scheduler are rewritten below.
+KEEP = ("train_info.json", "vae", EXAMPLE_CONDITIONS_FILE)
 
 
 def main() -> None:
@@ -50,6 +52,11 @@ def main() -> None:
     s.scheduler, s.shift, s.guidance = (args.scheduler or s.scheduler, s.shift if args.shift is None else args.shift,
                                         s.guidance if args.guidance is None else args.guidance)
     save_config(cfg, args.dst / CONFIG_FILE)
+    if not (src / EXAMPLE_CONDITIONS_FILE).is_file():  # exported before trainers wrote it: the same, from the data
+        from vidmoe.data import build_dataset
+
+        examples = example_conditions(build_dataset(cfg))
+        (args.dst / EXAMPLE_CONDITIONS_FILE).write_text(json.dumps(examples, indent=1))
     make_scheduler(s.scheduler, shift=s.shift).save_pretrained(args.dst / "scheduler")
     m = cfg.model
     x = torch.randn(2, m.latent_channels, m.num_frames, *m.latent_size, generator=torch.Generator().manual_seed(0))

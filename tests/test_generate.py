@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from vidmoe.cli import main
 from vidmoe.config import load_config
 from vidmoe.errors import ModelFolderError, UsageError
-from vidmoe.generate import generate, load_model_dir
+from vidmoe.data import build_dataset
+from vidmoe.generate import (EXAMPLE_CONDITIONS_FILE, draw_example_conditions, example_conditions, generate,
+                             load_model_dir, save_videos)
 from vidmoe.model import build_model
 from vidmoe.train import train
 
@@ -69,6 +71,7 @@ def test_fp16_copy_loads_in_fp32_and_generates_the_same_clips(run_dir, tmp_path)
                    check=True, capture_output=True)
     stored = load_file(half / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    assert (half / EXAMPLE_CONDITIONS_FILE).read_text() == (run_dir / "model" / EXAMPLE_CONDITIONS_FILE).read_text()
     model, _, _ = load_model_dir(half, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     full = generate(run_dir / "model", num_videos=2, steps=3, seed=5, device="cpu").int()
@@ -173,6 +176,30 @@ def test_prompts_file_gives_a_clip_per_line(run_dir, tmp_path, capsys):
     assert main([*args, "--prompts-file", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "has no prompts" in err and "missing.txt" in err
+
+
+def test_no_prompt_conditions_on_the_training_examples(run_dir, cfg, tmp_path, capsys):
+    model_dir = run_dir / "model"
+    examples = json.loads((model_dir / EXAMPLE_CONDITIONS_FILE).read_text())
+    dataset = build_dataset(cfg)
+    assert examples == example_conditions(dataset)  # the export wrote the first training clips' conditions
+    assert examples["captions"][0] == dataset[0]["caption"] and len(examples["captions"]) == min(64, len(dataset))
+    captions, labels = draw_example_conditions(model_dir, 3, seed=7)
+    assert (captions, labels) == draw_example_conditions(model_dir, 3, seed=7)
+    assert all(c in examples["captions"] for c in captions) and all(v in examples["labels"] for v in labels)
+
+    args = ["generate", "--model", str(model_dir), "--steps", "2", "--num-videos", "3", "--seed", "7",
+            "--format", "png", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "drawn")]) == 0
+    assert EXAMPLE_CONDITIONS_FILE in capsys.readouterr().err
+    explicit = generate(model_dir, prompt=captions, label=labels, num_videos=3, steps=2, seed=7, device="cpu")
+    save_videos(explicit, tmp_path / "explicit", "png")
+    assert (tmp_path / "drawn" / "grid.png").read_bytes() == (tmp_path / "explicit" / "grid.png").read_bytes()
+    assert main([*args, "--unconditional", "--out", str(tmp_path / "null")]) == 0
+    null = generate(model_dir, num_videos=3, steps=2, seed=7, device="cpu")
+    save_videos(null, tmp_path / "null_api", "png")
+    assert (tmp_path / "null" / "grid.png").read_bytes() == (tmp_path / "null_api" / "grid.png").read_bytes()
+    assert main([*args, "--unconditional", "--prompt", "a red circle", "--out", str(tmp_path / "x")]) == 2
 
 
 def test_not_a_model_folder(tmp_path, capsys):

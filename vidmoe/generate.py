@@ -17,6 +17,33 @@ from .errors import ModelFolderError, UsageError
 
 CONFIG_FILE = "vidmoe_config.yaml"
 VIDEO_FORMATS = ("mp4", "gif", "webm")
+# Captions and labels of the first training clips, written with the model: what `vidmoe generate`
+# conditions on when given no prompt and no label (clips like the training data, not the null condition).
+EXAMPLE_CONDITIONS_FILE = "example_conditions.json"
+NUM_EXAMPLE_CONDITIONS = 64
+
+
+def example_conditions(dataset, count: int = NUM_EXAMPLE_CONDITIONS) -> dict:
+    """{"captions": [...], "labels": [...]} of the first ``count`` clips of a dataset."""
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    return {"captions": [str(item["caption"]) for item in items], "labels": [int(item["label"]) for item in items]}
+
+
+def draw_example_conditions(model_dir: Path, num_videos: int, seed: int) -> Optional[tuple[list[str], list[int]]]:
+    """(captions, labels) for num_videos clips drawn with ``seed`` from the model's example conditions;
+    None when the folder has none (models exported before they were written)."""
+    path = Path(model_dir) / EXAMPLE_CONDITIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        examples = json.loads(path.read_text())
+        captions, labels = list(examples["captions"]), [int(v) for v in examples["labels"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ModelFolderError(f"{path} is not a valid example-conditions file") from None
+    if not captions or len(captions) != len(labels):
+        raise ModelFolderError(f"{path} is not a valid example-conditions file")
+    picks = np.random.default_rng(seed).integers(len(captions), size=num_videos)
+    return [captions[i] for i in picks], [labels[i] for i in picks]
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -178,6 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-file", metavar="FILE",
                         help="one prompt per line, a clip each (default --num-videos: the number of lines)")
     parser.add_argument("--label", type=int, help="class label (models trained with classes)")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="the null condition (default without --prompt or --label: captions and labels "
+                             f"drawn from the training clips', saved with the model as {EXAMPLE_CONDITIONS_FILE})")
     parser.add_argument("--num-videos", type=int, help="clips to generate (default: the model's sample.num_videos)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: sample.steps)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 = none (default: sample.guidance)")
@@ -212,9 +242,20 @@ def main(args: argparse.Namespace) -> int:
         if not prompt:
             raise UsageError(f"--prompts-file {args.prompts_file} has no prompts")
         num_videos = pick(args.num_videos, len(prompt))
-    videos = generate(model_dir, prompt=prompt, label=args.label, num_videos=num_videos,
+    label, seed = args.label, pick(args.seed, s.seed)
+    if args.unconditional and (prompt is not None or label is not None):
+        raise UsageError("--unconditional takes no --prompt, --prompts-file or --label")
+    if prompt is None and label is None and not args.unconditional:
+        drawn = draw_example_conditions(model_dir, num_videos, seed)
+        if drawn is not None:
+            m = load_config(model_dir / CONFIG_FILE).model
+            prompt = drawn[0] if m.text or m.text_encoder else None
+            label = drawn[1] if m.num_classes else None
+            print(f"no --prompt or --label: conditioning on {EXAMPLE_CONDITIONS_FILE} of the model "
+                  "(training captions and labels); --unconditional for none", file=sys.stderr)
+    videos = generate(model_dir, prompt=prompt, label=label, num_videos=num_videos,
                       steps=pick(args.steps, s.steps), guidance=pick(args.guidance, s.guidance),
-                      seed=pick(args.seed, s.seed), scheduler=pick(args.scheduler, s.scheduler), shift=args.shift,
+                      seed=seed, scheduler=pick(args.scheduler, s.scheduler), shift=args.shift,
                       batch_size=args.batch_size, device=args.device)
     paths = save_videos(videos, args.out, pick(args.format, s.format), pick(args.fps, s.fps))
     print(f"wrote {len(paths)} file(s) to {args.out}: {', '.join(p.name for p in paths[:4])}"

@@ -42,6 +42,7 @@ from .config import Config, ConfigError, config_to_dict, load_config, save_confi
 from .diffusion import flow_loss, load_vae, make_scheduler, sample, sample_timesteps, to_uint8_frames, vae_decode, \
     vae_encode
 from .errors import DataError, UsageError
+from .generate import EXAMPLE_CONDITIONS_FILE, example_conditions
 from .model import build_model
 from .precision import resolve_mixed_precision
 
@@ -322,6 +323,7 @@ class Trainer:
         set_seed(tc.seed, device_specific=True)  # different noise and dropout on each process
         self.state = TrainerState(global_batch=tc.batch_size * acc.num_processes)
         self.sample_conditions = self._sample_conditions()
+        self.example_conditions: Optional[dict] = None  # read at the first export
         self.last_saved_step = -1
 
     # -- setup
@@ -427,6 +429,9 @@ class Trainer:
                 self.vae.save_pretrained(tmp / "vae")
             info = {"step": self.state.step, "train_seconds": round(self.elapsed(), 1), "parameters": self.counts}
             (tmp / "train_info.json").write_text(json.dumps(info, indent=1))
+            if self.example_conditions is None:
+                self.example_conditions = example_conditions(self.dataset)
+            (tmp / EXAMPLE_CONDITIONS_FILE).write_text(json.dumps(self.example_conditions, indent=1))
             publish_dir(tmp, final)
         acc.wait_for_everyone()
         return final
