@@ -15,8 +15,14 @@ already in the JSON are not evaluated again, so an interrupted call can be re-ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
+
+import torch
 
 from vidmoe.analysis.figures import new_figure
 from vidmoe.evaluate import evaluate
@@ -31,33 +37,32 @@ PANELS = (
 )
 
 
-def snapshot_rows(run: Path, name: str, out: Path, done: dict, args) -> list[dict]:
-    rows = []
-    snapshots = sorted((run / SNAPSHOT_DIR).glob("step-*"))
-    seen = set()
-    for snap in [*snapshots, run / "model"]:  # model/ adds the last step when no snapshot fell on it
+def snapshots(run: Path, name: str) -> list[tuple[str, Path, dict]]:
+    """(key, folder, train_info) of every snapshot of a run, the final model/ last unless a snapshot has its step."""
+    found, seen = [], set()
+    for snap in [*sorted((run / SNAPSHOT_DIR).glob("step-*")), run / "model"]:
         if not (snap / "train_info.json").is_file():
             continue
         info = json.loads((snap / "train_info.json").read_text())
         key = f"{name}:{info['step']}"
-        if key in seen:
-            continue
-        seen.add(key)
-        if key in done:
-            rows.append(done[key])
-            continue
-        metrics = evaluate(snap, out=out / "evals" / f"{name}-{info['step']:07d}", num_videos=args.num_videos,
-                           steps=args.steps, guidance=args.guidance, clips=args.clips, shift=args.shift,
-                           scheduler=args.scheduler)
-        checker = metrics["physics"]["checker"]
-        row = {"run": name, "step": info["step"], "minutes": info["train_seconds"] / 60,
-               "heldout_loss": metrics["heldout_loss"]["mean"],
-               **{k: checker[k] for k in ("objects_per_frame_agreement", "motion_residual_ratio",
-                                          "frozen_or_empty_rate")}}
-        print(json.dumps(row))
-        rows.append(row)
-        done[key] = row
-    return rows
+        if key not in seen:
+            seen.add(key)
+            found.append((key, snap, info))
+    return found
+
+
+def evaluate_snapshot(name: str, snap: Path, info: dict, out: Path, args: argparse.Namespace) -> dict:
+    """One row of the table: `vidmoe eval` of one snapshot (FVD left to the final models' own evals)."""
+    if args.jobs > 1:
+        torch.set_num_threads(1)  # one core per worker
+    metrics = evaluate(snap, out=out / "evals" / f"{name}-{info['step']:07d}", num_videos=args.num_videos,
+                       steps=args.steps, guidance=args.guidance, clips=args.clips, shift=args.shift,
+                       scheduler=args.scheduler, compute_fvd=False)
+    checker = metrics["physics"]["checker"]
+    return {"run": name, "step": info["step"], "minutes": info["train_seconds"] / 60,
+            "heldout_loss": metrics["heldout_loss"]["mean"],
+            **{k: checker[k] for k in ("objects_per_frame_agreement", "motion_residual_ratio",
+                                       "frozen_or_empty_rate")}}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -90,6 +95,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--shift", type=float, help="sampling timestep shift (default: each model's own)")
     parser.add_argument("--scheduler", help="sampling scheduler (default: each model's own)")
+    parser.add_argument("--jobs", type=int, default=1, help="snapshots evaluated at once, one core each (default 1)")
     args = parser.parse_args()
     names = args.names or [run.name for run in args.runs]
     if len(names) != len(args.runs):
@@ -97,10 +103,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "time_to_quality.json"
     done = {f"{r['run']}:{r['step']}": r for r in json.loads(table.read_text())} if table.is_file() else {}
-    rows = []
-    for run, name in zip(args.runs, names):
-        rows += snapshot_rows(run, name, args.out, done, args)
-        table.write_text(json.dumps(rows, indent=1))
+    todo = [(name, snap, info) for run, name in zip(args.runs, names)
+            for key, snap, info in snapshots(run, name) if key not in done]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        results = (pool.map(evaluate_snapshot, *zip(*todo), repeat(args.out), repeat(args))
+                   if pool and todo else (evaluate_snapshot(*job, args.out, args) for job in todo))
+        for row in results:
+            print(json.dumps(row))
+            done[f"{row['run']}:{row['step']}"] = row
+            table.write_text(json.dumps(list(done.values()), indent=1))  # an interrupted call resumes
+    rows = [done[key] for run, name in zip(args.runs, names) for key, _, _ in snapshots(run, name)]
+    table.write_text(json.dumps(rows, indent=1))
     plot(rows, args.out / "time_to_quality.png")
     print(f"wrote {table} and {args.out / 'time_to_quality.png'}")
 
