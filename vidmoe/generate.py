@@ -224,7 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     try:
-        s = load_config(model_dir / CONFIG_FILE).sample  # the defaults the model was trained with
+        saved = load_config(model_dir / CONFIG_FILE)
+        s = saved.sample  # the defaults the model was trained with
     except ConfigError as err:
         raise ModelFolderError(f"{model_dir / CONFIG_FILE}: {err}") from None
 
@@ -248,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
     if prompt is None and label is None and not args.unconditional:
         drawn = draw_example_conditions(model_dir, num_videos, seed)
         if drawn is not None:
-            m = load_config(model_dir / CONFIG_FILE).model
+            m = saved.model
             prompt = drawn[0] if m.text or m.text_encoder else None
             label = drawn[1] if m.num_classes else None
             print(f"no --prompt or --label: conditioning on {EXAMPLE_CONDITIONS_FILE} of the model "
