@@ -15,12 +15,12 @@ already in the JSON are not evaluated again, so an interrupted call can be re-ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -53,8 +53,6 @@ def snapshots(run: Path, name: str) -> list[tuple[str, Path, dict]]:
 
 def evaluate_snapshot(name: str, snap: Path, info: dict, out: Path, args: argparse.Namespace) -> dict:
     """One row of the table: `vidmoe eval` of one snapshot (FVD left to the final models' own evals)."""
-    if args.jobs > 1:
-        torch.set_num_threads(1)  # one core per worker
     metrics = evaluate(snap, out=out / "evals" / f"{name}-{info['step']:07d}", num_videos=args.num_videos,
                        steps=args.steps, guidance=args.guidance, clips=args.clips, shift=args.shift,
                        scheduler=args.scheduler, compute_fvd=False)
@@ -63,6 +61,16 @@ def evaluate_snapshot(name: str, snap: Path, info: dict, out: Path, args: argpar
             "heldout_loss": metrics["heldout_loss"]["mean"],
             **{k: checker[k] for k in ("objects_per_frame_agreement", "motion_residual_ratio",
                                        "frozen_or_empty_rate")}}
+
+
+def evaluate_all(todo: list[tuple[str, Path, dict]], args: argparse.Namespace) -> Iterator[dict]:
+    """Rows of ``evaluate_snapshot`` in the order of ``todo``; ``args.jobs`` processes at a time."""
+    if args.jobs <= 1 or len(todo) <= 1:
+        yield from (evaluate_snapshot(*job, args.out, args) for job in todo)
+        return
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:  # one core per worker
+        yield from pool.map(evaluate_snapshot, *zip(*todo), repeat(args.out), repeat(args))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -105,13 +113,10 @@ def main() -> None:
     done = {f"{r['run']}:{r['step']}": r for r in json.loads(table.read_text())} if table.is_file() else {}
     todo = [(name, snap, info) for run, name in zip(args.runs, names)
             for key, snap, info in snapshots(run, name) if key not in done]
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1 else contextlib.nullcontext() as pool:
-        results = (pool.map(evaluate_snapshot, *zip(*todo), repeat(args.out), repeat(args))
-                   if pool and todo else (evaluate_snapshot(*job, args.out, args) for job in todo))
-        for row in results:
-            print(json.dumps(row))
-            done[f"{row['run']}:{row['step']}"] = row
-            table.write_text(json.dumps(list(done.values()), indent=1))  # an interrupted call resumes
+    for row in evaluate_all(todo, args):
+        print(json.dumps(row))
+        done[f"{row['run']}:{row['step']}"] = row
+        table.write_text(json.dumps(list(done.values()), indent=1))  # an interrupted call resumes
     rows = [done[key] for run, name in zip(args.runs, names) for key, _, _ in snapshots(run, name)]
     table.write_text(json.dumps(rows, indent=1))
     plot(rows, args.out / "time_to_quality.png")
