@@ -14,7 +14,7 @@ from vidmoe.data import build_dataset, collate
 from vidmoe.errors import UsageError
 from vidmoe.model import build_model
 from vidmoe.train import (COMPLETE_MARKER, EpochBatchSampler, find_checkpoint, list_checkpoints, train,
-                          training_loss)
+                          training_loss, wsd_factor)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -174,6 +174,26 @@ def test_resume_continues_exactly(tmp_path):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "log.jsonl").read_text().splitlines()]
               for r in "ab"]
     assert len(losses[0]) == 10 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_warmup_stable_decay_factor():
+    factors = [wsd_factor(step, step / 100, warmup_steps=10, decay_fraction=0.2) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0  # linear warmup
+    assert factors[10:81] == pytest.approx([1.0] * 71)  # stable until 80% of the run
+    assert factors[81] == pytest.approx(0.95)
+    assert factors[90] == pytest.approx(0.5) and factors[100] == 0.0  # linear fall to zero
+    # The run's progress may be ahead of its steps (a time budget): the decay follows progress.
+    assert wsd_factor(50, 0.9, warmup_steps=10, decay_fraction=0.2) == pytest.approx(0.5)
+    assert wsd_factor(50, 1.3, warmup_steps=10, decay_fraction=0.2) == 0.0
+
+
+def test_warmup_stable_decay_run_ends_at_zero_lr(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=10", "train.lr_schedule=warmup_stable_decay", "train.warmup_steps=2",
+               "train.decay_fraction=0.5", "train.log_every=1", "train.checkpoint_every=0", "train.lr=0.01"))
+    lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert lrs[2:5] == pytest.approx([0.01] * 3)
+    assert lrs[5:] == pytest.approx([0.008, 0.006, 0.004, 0.002, 0.0])
 
 
 @pytest.mark.slow

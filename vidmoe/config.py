@@ -128,7 +128,11 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    lr_schedule: str = "cosine"  # any diffusers get_scheduler name
+    # Any diffusers get_scheduler name, or warmup_stable_decay: warmup, constant, then a linear fall
+    # to zero over the last decay_fraction of the run, measured in steps (max_steps) or, when it
+    # ends first, in wall time (time_budget_minutes), so a budgeted run ends decayed.
+    lr_schedule: str = "cosine"
+    decay_fraction: float = 0.2
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999
@@ -400,6 +404,7 @@ def validate(cfg: Config) -> None:
     for name in ("checkpoint_every", "sample_every", "snapshot_every", "warmup_steps"):
         _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _check(t.lr > 0, "train.lr must be positive")
+    _check(0.0 < t.decay_fraction <= 1.0, "train.decay_fraction must be in (0, 1]")
     _check(cfg.sample.shift > 0, "sample.shift must be > 0")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     _check(len(t.betas) == 2, "train.betas must be [beta1, beta2]")

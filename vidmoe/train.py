@@ -35,6 +35,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
@@ -104,6 +105,7 @@ class EpochBatchSampler(Sampler):
 
 
 SNAPSHOT_DIR = "snapshots"
+WSD_SCHEDULE = "warmup_stable_decay"
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -221,6 +223,13 @@ def training_loss(model, x0: torch.Tensor, labels, captions, train_cfg):
     return flow + out.aux.loss, flow, out
 
 
+def wsd_factor(step: int, progress: float, warmup_steps: int, decay_fraction: float) -> float:
+    """Warmup-stable-decay: a linear warmup over ``warmup_steps``, then 1 until the run's ``progress``
+    (0..1) reaches 1 - decay_fraction, then a linear fall to 0 at progress 1."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    return warmup * min(1.0, max(0.0, (1.0 - progress) / decay_fraction))
+
+
 def parameter_checksum(model: torch.nn.Module) -> dict:
     """Exact fingerprint of a model's parameters (sha256 of their bytes) and their sum, for comparisons."""
     digest = hashlib.sha256()
@@ -305,6 +314,8 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.is_main = acc.is_main_process
+        self.state = TrainerState(global_batch=tc.batch_size * acc.num_processes)
+        self.budget_spent = 0.0  # share of train.time_budget_minutes used (a resumed run gets it again)
         set_seed(tc.seed)  # the same initial weights on every process
 
         self.dataset = build_dataset(cfg, "train")
@@ -321,7 +332,6 @@ class Trainer:
         acc.register_for_checkpointing(self.ema)
 
         set_seed(tc.seed, device_specific=True)  # different noise and dropout on each process
-        self.state = TrainerState(global_batch=tc.batch_size * acc.num_processes)
         self.sample_conditions = self._sample_conditions()
         self.example_conditions: Optional[dict] = None  # read at the first export
         self.last_saved_step = -1
@@ -349,12 +359,21 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=tc.lr, betas=tuple(tc.betas))
+        if tc.lr_schedule == WSD_SCHEDULE:
+            return optimizer, LambdaLR(optimizer, lambda step: self._wsd_factor(step))
         try:
             schedule = get_scheduler(tc.lr_schedule, optimizer, num_warmup_steps=tc.warmup_steps,
                                      num_training_steps=tc.max_steps)
         except ValueError as err:
             raise ConfigError(f"train.lr_schedule: {err}") from None
         return optimizer, schedule
+
+    def _wsd_factor(self, step: int) -> float:
+        """LR factor of warmup_stable_decay after ``step`` scheduler steps, from the step and the run's time
+        (the schedule's saved state holds neither: a resumed run recomputes it)."""
+        tc = self.cfg.train
+        progress = max(step / tc.max_steps, self.budget_spent)
+        return wsd_factor(step, progress, tc.warmup_steps, tc.decay_fraction)
 
     def _sample_conditions(self) -> tuple[list[str], torch.Tensor]:
         """Captions and labels of the first clips, reused by every periodic sample so they compare."""
@@ -554,9 +573,11 @@ class Trainer:
         window_steps, window_applied, window_start = 0, 0, time.monotonic()
         stop_reason = "max_steps"
         while self.state.step < tc.max_steps:
-            if budget is not None and self._over_budget(budget):
-                stop_reason = "time budget"
-                break
+            if budget is not None:
+                self.budget_spent = self._budget_spent(budget)
+                if self.budget_spent >= 1.0:
+                    stop_reason = "time budget"
+                    break
             grad_norm, applied = self.train_step(batches, sums)
             bad_streak = 0 if applied else bad_streak + 1
             window_steps += 1
@@ -608,13 +629,14 @@ class Trainer:
                                 "raise train.warmup_steps or use train.mixed_precision=no, then continue with "
                                 "--resume latest")
 
-    def _over_budget(self, budget: float) -> bool:
-        """Whether the time budget is spent; process 0 decides for all, so all stop at the same step."""
-        over = time.monotonic() - self.started >= budget
+    def _budget_spent(self, budget: float) -> float:
+        """The share of the time budget spent, by process 0's clock for all, so that all processes stop
+        at the same step and decay the learning rate alike."""
+        spent = (time.monotonic() - self.started) / budget
         if self.accelerator.num_processes == 1:
-            return over
-        flag = torch.tensor([int(over)], device=self.accelerator.device)
-        return bool(broadcast(flag, from_process=0).item())
+            return spent
+        value = torch.tensor([spent], dtype=torch.float32, device=self.accelerator.device)
+        return float(broadcast(value, from_process=0).item())
 
     # -- reporting
 
