@@ -14,7 +14,8 @@ SECTION_KEYS = {
                   "loop_over_grouped"],
     "model_step": ["moe_over_dense_flops", "moe_over_dense_params", "moe_s", "dense_flops_s", "dense_params_s"],
     "generation": ["moe_step_over_dense_flops", "moe_clip_over_dense_flops"],
-    "peer": ["latte_s", "ours_s", "ours_over_latte", "ours_latte_matched_s", "ours_latte_matched_over_latte"],
+    "peer": ["latte_s", "ours_s", "ours_over_latte", "ours_latte_matched_s", "ours_latte_matched_over_latte",
+             "ours_dense_latte_matched_over_latte", "ours_dense_latte_matched_no_qk_norm_over_latte"],
     "data": ["cache_clips_per_s", "decode_clips_per_s", "train_clips_per_s", "cache_over_train"],
 }
 MODEL_KEYS = ["step_s", "clips_per_s", "peak_memory_mb", "params_total", "params_active"]

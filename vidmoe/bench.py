@@ -451,6 +451,15 @@ def latte_matched_overrides(model_cfg: ModelConfig) -> list[str]:
     return ["model.cross_attention=spatial", f"model.moe.expert_hidden={max(16, 16 * round(hidden / 16))}"]
 
 
+def latte_dense_overrides(model_cfg: ModelConfig, qk_norm: bool = True) -> list[str]:
+    """Our backbone without MoE at Latte's compute per token: cross-attention in the spatial sub-blocks
+    only and one dense SwiGLU of hidden 8D / 3 (3 matrices of D x H = Latte's 2 of D x 4D). Without
+    qk-norm too, its attention is Latte's: what is left between the two is the code, not the model."""
+    hidden = max(16, 16 * round(8 * model_cfg.hidden_size / 3 / 16))
+    return ["model.cross_attention=spatial", "model.ffn=dense", "model.dense_match=null",
+            f"model.ffn_hidden={hidden}"] + ([] if qk_norm else ["model.qk_norm=false"])
+
+
 def latte_matched_config(size: BenchSize, cfg: Config) -> Config:
     return _load_config(size, latte_matched_overrides(cfg.model))
 
@@ -507,6 +516,11 @@ def bench_peer(size: BenchSize, device: torch.device, precision: str, repeats: i
         "ours_latte_matched": training_step(matched, matched_cfg, batch, device, precision),
         "latte": latte_step(latte, cfg, batch, device, precision),
     }
+    # Where the matched model's time goes: the same backbone with a dense feed-forward, then also
+    # without qk-norm (Latte has none).
+    for name, qk_norm in (("ours_dense_latte_matched", True), ("ours_dense_latte_matched_no_qk_norm", False)):
+        variant_cfg = _load_config(size, latte_dense_overrides(cfg.model, qk_norm))
+        steps[name] = training_step(build_model(variant_cfg.model).to(device), variant_cfg, batch, device, precision)
     times = interleaved(steps, repeats, warmup, device)
     med = {name: _median(t) for name, t in times.items()}
     return {
@@ -524,6 +538,11 @@ def bench_peer(size: BenchSize, device: torch.device, precision: str, repeats: i
         "ours_latte_matched_params": matched.parameter_counts(),
         "ours_latte_matched_overrides": latte_matched_overrides(cfg.model),
         "ours_latte_matched_over_latte": med["ours_latte_matched"] / med["latte"],
+        "ours_dense_latte_matched_overrides": latte_dense_overrides(cfg.model),
+        "ours_dense_latte_matched_s": med["ours_dense_latte_matched"],
+        "ours_dense_latte_matched_over_latte": med["ours_dense_latte_matched"] / med["latte"],
+        "ours_dense_latte_matched_no_qk_norm_s": med["ours_dense_latte_matched_no_qk_norm"],
+        "ours_dense_latte_matched_no_qk_norm_over_latte": med["ours_dense_latte_matched_no_qk_norm"] / med["latte"],
         "samples": times,
     }
 
@@ -660,6 +679,11 @@ def format_table(result: dict) -> str:
                       f"{r['ours_latte_matched_params']['total'] / 1e6:.2f}M params "
                       f"({r['ours_latte_matched_params']['active'] / 1e6:.2f}M active): "
                       + " ".join(r["ours_latte_matched_overrides"])),
+                  row("", "ours (dense, Latte's compute)", _ms(r["ours_dense_latte_matched_s"]),
+                      f"{r['ours_dense_latte_matched_over_latte']:.2f}x Latte: "
+                      + " ".join(r["ours_dense_latte_matched_overrides"])),
+                  row("", "... and no qk-norm", _ms(r["ours_dense_latte_matched_no_qk_norm_s"]),
+                      f"{r['ours_dense_latte_matched_no_qk_norm_over_latte']:.2f}x Latte"),
                   row("", "diffusers Latte", _ms(r["latte_s"]), f"{r['latte_params'] / 1e6:.2f}M params; "
                                                                  f"ours/Latte {r['ours_over_latte']:.2f}, "
                                                                  f"matched/Latte {r['ours_latte_matched_over_latte']:.2f}")]
