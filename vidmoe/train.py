@@ -314,7 +314,6 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.is_main = acc.is_main_process
-        self.state = TrainerState(global_batch=tc.batch_size * acc.num_processes)
         self.budget_spent = 0.0  # share of train.time_budget_minutes used (a resumed run gets it again)
         set_seed(tc.seed)  # the same initial weights on every process
 
@@ -332,6 +331,7 @@ class Trainer:
         acc.register_for_checkpointing(self.ema)
 
         set_seed(tc.seed, device_specific=True)  # different noise and dropout on each process
+        self.state = TrainerState(global_batch=tc.batch_size * acc.num_processes)
         self.sample_conditions = self._sample_conditions()
         self.example_conditions: Optional[dict] = None  # read at the first export
         self.last_saved_step = -1
