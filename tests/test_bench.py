@@ -114,7 +114,10 @@ def test_latte_matched_model_has_lattes_feed_forward_compute_and_spatial_cross_a
     latte_ffn = sum(m.weight.numel() for m in ffn.modules() if isinstance(m, torch.nn.Linear))
     experts = matched.spatial_blocks[0].ffn.experts
     per_token = cfg.model.moe.top_k * (experts.w_in[0].numel() + experts.w_out[0].numel())
-    assert per_token == latte_ffn  # multiply-adds per token: top-k SwiGLU experts = one GELU MLP of 4x width
+    # Multiply-adds per token: top-k SwiGLU experts = one GELU MLP of 4x width, up to rounding the expert
+    # width to a multiple of 16 (at width 128: 176 for an exact 170.7, 3% over).
+    step = cfg.model.moe.top_k * 3 * cfg.model.hidden_size * 8  # half of one rounding step of 16
+    assert abs(per_token - latte_ffn) <= step
     assert all(b.cross_attn is not None for b in matched.spatial_blocks)
     assert all(b.cross_attn is None for b in matched.temporal_blocks)
     assert latte.temporal_transformer_blocks[0].attn2 is None  # Latte's temporal blocks have no text either
