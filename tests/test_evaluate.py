@@ -163,8 +163,9 @@ def test_time_to_quality_evaluates_every_snapshot_once(tmp_path):
     assert first.stdout.count('"run"') == 4 and second.stdout.count('"run"') == 0  # nothing evaluated twice
     parallel_out = tmp_path / "ttq_parallel"
     parallel = [*command[:command.index("--out")], "--out", str(parallel_out), *command[command.index("--out") + 2:],
-                "--jobs", "2"]
+                "--jobs", "2", "--decay-start", "0.01"]
     subprocess.run(parallel, check=True, capture_output=True, text=True)
     in_parallel = json.loads((parallel_out / "time_to_quality.json").read_text())
     assert [(r["run"], r["step"]) for r in in_parallel] == [(r["run"], r["step"]) for r in rows]  # same order
     assert all(p["heldout_loss"] == pytest.approx(r["heldout_loss"], rel=1e-4) for p, r in zip(in_parallel, rows))
+    assert (parallel_out / "time_to_quality.png").stat().st_size > 10_000  # with the decay marked
