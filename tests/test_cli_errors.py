@@ -91,6 +91,25 @@ def test_train_rejects_an_output_path_that_is_a_file(capsys, tmp_path):
     assert_one_clear_line(code, err, "cannot write")
 
 
+@pytest.mark.parametrize("argv", [
+    ["generate", "--model", "{model}", "--out", "{out}"],
+    ["eval", "--model", "{model}", "--out", "{out}"],
+    ["inspect", "--model", "{model}", "--out", "{out}"],
+    ["prepare", "--data", "synthetic:bouncing_shapes", "--num-clips", "2", "--out", "{out}"],
+    ["bench", "--size", "tiny", "--out", "{out}/bench.json"],
+])
+def test_commands_reject_an_output_path_under_a_file_before_working(capsys, tmp_path, not_a_model, argv):
+    # The output check comes first: a model folder that is none would otherwise be the error.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = [a.format(model=not_a_model, out=blocker / "out") for a in argv]
+    assert_one_clear_line(*run_cli(capsys, *argv), "cannot write", str(blocker))
+
+
+def test_bench_rejects_an_output_that_is_a_folder(capsys, tmp_path):
+    assert_one_clear_line(*run_cli(capsys, "bench", "--size", "tiny", "--out", str(tmp_path)), "is a folder")
+
+
 def test_bench_rejects_unknown_sections(capsys, tmp_path):
     code, err = run_cli(capsys, "bench", "--sections", "nope", "--out", str(tmp_path / "b.json"))
     assert_one_clear_line(code, err, "nope")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .config import Config, MoEConfig, ModelConfig, load_config
-from .errors import UsageError
+from .errors import UsageError, check_writable_dir
 from .precision import autocast_dtype, cpu_has_fast_bf16, resolve_mixed_precision
 
 SECTIONS = ("moe_layer", "model_step", "generation", "peer", "data")
@@ -735,6 +735,10 @@ def run_bench(sections: Optional[list[str]] = None, size: str = "full", device: 
     repeats = repeats or bench_size.repeats
     if repeats < 1:
         raise UsageError("--repeats must be at least 1")
+    if out is not None:
+        if Path(out).is_dir():
+            raise UsageError(f"--out {out} is a folder; give the JSON file to write, e.g. {Path(out) / 'bench.json'}")
+        check_writable_dir(Path(out).parent, "--out")
     dev = _resolve_device(device)
     resolved = resolve_mixed_precision(precision, dev.type)
     result = {"size": size, "repeats": repeats, "warmup": bench_size.warmup, "sections_run": sections,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import physics
-from .errors import UsageError
+from .errors import UsageError, check_writable_dir
 
 DEFAULT_DATA = "synthetic:bouncing_shapes"
 SCHEMA_VERSION = 1
@@ -224,6 +224,7 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
 
     if num_videos < 1:
         raise UsageError("--num-videos must be at least 1")
+    check_writable_dir(out, "--out")
     model_path = resolve_model_dir(model_dir)
     i3d, fvd_missing = load_fvd_network(fvd_weights, compute_fvd)  # before the slow part: a bad file fails fast
     model, cfg, vae = load_model_dir(model_path, device)

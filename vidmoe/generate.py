@@ -13,7 +13,7 @@ import torch
 
 from .config import Config, ConfigError, load_config
 from .diffusion import load_vae, sample, to_uint8_frames, vae_decode
-from .errors import ModelFolderError, UsageError
+from .errors import ModelFolderError, UsageError, check_writable_dir
 
 CONFIG_FILE = "vidmoe_config.yaml"
 VIDEO_FORMATS = ("mp4", "gif", "webm")
@@ -145,6 +145,8 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
     model). The noise of all clips is drawn at once from ``seed``, so the clips do not depend on
     ``batch_size`` or the device.
     """
+    if out is not None:
+        check_writable_dir(out, "--out")
     scheduler_config = None
     if isinstance(model_dir_or_model, (str, Path)):
         model, cfg, vae = load_model_dir(model_dir_or_model, device)
@@ -222,6 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out, "--out")  # before the sampling, not after it
     model_dir = resolve_model_dir(args.model)
     try:
         saved = load_config(model_dir / CONFIG_FILE)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .config import Config, ConfigError, config_to_dict, load_config, save_config
 from .diffusion import flow_loss, load_vae, make_scheduler, sample, sample_timesteps, to_uint8_frames, vae_decode, \
     vae_encode
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, check_writable_dir
 from .generate import EXAMPLE_CONDITIONS_FILE, example_conditions
 from .model import build_model
 from .precision import resolve_mixed_precision
@@ -705,17 +705,6 @@ def _log_step(line: str) -> Optional[int]:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def check_writable_dir(path: Path, what: str) -> None:
-    """UsageError unless ``path`` is, or can be created as, a folder we may write to (creates nothing)."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"cannot write {what} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {what} {path}: no write permission in {existing}")
 
 
 def train(cfg: Config, resume: Optional[str] = None) -> Path:

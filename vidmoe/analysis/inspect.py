@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UsageError
+from ..errors import UsageError, check_writable_dir
 from . import figures, report, stats
 from .recorder import Grid, LayerRecord, RoutingRecorder, grid_from_config
 
@@ -417,6 +417,7 @@ def inspect(model_dir: Union[str, Path], data: str = DEFAULT_DATA, out: Union[st
     timesteps = [float(t) for t in (timesteps or DEFAULT_TIMESTEPS)]
     if any(not 0.0 <= t <= 1.0 for t in timesteps):
         raise UsageError(f"--timesteps must lie in [0, 1] (1 is pure noise); got {timesteps}")
+    check_writable_dir(out, "--out")
     model, cfg, vae = load_model_dir(model_dir)
     router_list = list(model.routers())
     if not router_list:

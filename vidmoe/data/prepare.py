@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import Config, load_config
-from ..errors import UsageError
+from ..errors import UsageError, check_writable_dir
 from ..video_io import default_upscale, write_video
 from . import synthetic_name
 from .cache import check_out_dir, is_cache, write_cache
@@ -60,6 +60,7 @@ def prepare(data: str, out, num_clips: Optional[int] = None, cfg: Optional[Confi
     """Synthetic source -> a video folder of ``num_clips`` clips; a video folder -> a cache (see module doc)."""
     cfg = cfg or Config()
     out = Path(out).expanduser()
+    check_writable_dir(out, "--out")
     name = synthetic_name(data)
     if name is not None:
         count = cfg.data.num_clips if num_clips is None else num_clips
