@@ -13,6 +13,7 @@
 #   train96     the earlier study: the same at width 96 (experts of 384), constant learning rate
 #   evaluate96  its evaluations
 #   width       the pilot that chose the configs' width: two 25-minute runs side by side
+#   shared      a pilot: MoE with a shared expert against dense_flops, 30 minutes side by side
 #   solo        the shipped model: bouncing_small alone on both cores, 88 minutes
 #   sweep       a guidance sweep of the solo model on other seeds than the reported evaluations
 #   ship        its fp16 copy in samples/bouncing-moe, with the guidance the sweep picked
@@ -107,6 +108,21 @@ if [[ $step == width || $step == all ]]; then
     done
     wait
     grep -h -A4 "Independent" "$RESULTS"/width/w*/report.md
+fi
+
+if [[ $step == shared || $step == all ]]; then
+    # A pilot after the study: does an always-on shared expert (top-1 routed + 1 shared: the same
+    # active compute as top-2) close the MoE's gap to dense? 30 minutes side by side, the configs' decay.
+    PILOT="train.time_budget_minutes=30 train.checkpoint_every=100000 train.sample_every=0"
+    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/shared_expert" $PILOT \
+        model.moe.top_k=1 model.moe.num_shared_experts=1 > "$RUNS/shared_expert.log" 2>&1 &
+    vidmoe train --config configs/dense_flops.yaml train.output_dir="$RUNS/dense30" $PILOT > "$RUNS/dense30.log" 2>&1 &
+    wait
+    for run in shared_expert dense30; do
+        vidmoe eval --model "$RUNS/$run/model" --out "$RESULTS/shared/$run" --no-fvd > "$RESULTS/shared-$run.log" 2>&1 &
+    done
+    wait
+    grep -h -A4 "Independent" "$RESULTS"/shared/*/report.md
 fi
 
 if [[ $step == solo || $step == all ]]; then
