@@ -442,17 +442,14 @@ def latte_config(model_cfg: ModelConfig) -> dict:
                 norm_elementwise_affine=False, norm_eps=1e-6)
 
 
-def _multiple_of_16(width: float) -> int:
-    """A feed-forward width rounded to the nearest multiple of 16 (at least 16), as aligned matmuls like."""
-    return max(16, 16 * round(width / 16))
-
-
 def latte_matched_overrides(model_cfg: ModelConfig) -> list[str]:
     """Our MoE model with Latte's compute per token: text cross-attention in the spatial sub-blocks
     only, and experts narrowed so top-k SwiGLU experts (3 matrices of D x H each) cost what Latte's
     GELU feed-forward (2 matrices of D x 4D) does: H = 8D / (3k), a multiple of 16."""
+    from .model import multiple_of_16
+
     moe = model_cfg.moe
-    hidden = _multiple_of_16(8 * model_cfg.hidden_size / (3 * (moe.top_k + moe.num_shared_experts)))
+    hidden = multiple_of_16(8 * model_cfg.hidden_size / (3 * (moe.top_k + moe.num_shared_experts)))
     return ["model.cross_attention=spatial", f"model.moe.expert_hidden={hidden}"]
 
 
@@ -460,7 +457,9 @@ def latte_dense_overrides(model_cfg: ModelConfig, qk_norm: bool = True) -> list[
     """Our backbone without MoE at Latte's compute per token: cross-attention in the spatial sub-blocks
     only and one dense SwiGLU of hidden 8D / 3 (3 matrices of D x H = Latte's 2 of D x 4D). Without
     qk-norm too, its attention is Latte's: what is left between the two is the code, not the model."""
-    hidden = _multiple_of_16(8 * model_cfg.hidden_size / 3)
+    from .model import multiple_of_16
+
+    hidden = multiple_of_16(8 * model_cfg.hidden_size / 3)
     return ["model.cross_attention=spatial", "model.ffn=dense", "model.dense_match=null",
             f"model.ffn_hidden={hidden}"] + ([] if qk_norm else ["model.qk_norm=false"])
 

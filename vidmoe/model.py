@@ -61,6 +61,11 @@ def dense_hidden_for(cfg: ModelConfig, match: str) -> int:
         raise ValueError(f"unknown match {match!r}")
     # A multiple of 16: odd widths (e.g. 4099) fall off the fast matmul kernels and would make
     # the baseline look slow for a reason that has nothing to do with MoE.
+    return multiple_of_16(width)
+
+
+def multiple_of_16(width: float) -> int:
+    """A feed-forward width rounded to the nearest multiple of 16 (at least 16), as aligned matmuls like."""
     return max(16, 16 * round(width / 16))
 
 
