@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from vidmoe.bench import (SIZES, TARGETS, check_targets, format_table, interleaved, latte_config,
@@ -121,3 +122,15 @@ def test_latte_matched_model_has_lattes_feed_forward_compute_and_spatial_cross_a
     assert all(b.cross_attn is not None for b in matched.spatial_blocks)
     assert all(b.cross_attn is None for b in matched.temporal_blocks)
     assert latte.temporal_transformer_blocks[0].attn2 is None  # Latte's temporal blocks have no text either
+
+
+@pytest.mark.slow
+def test_compile_section_runs_only_when_named(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "tiny", "--repeats", "1", "--device", "cpu", "--sections", "compile",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sections_run"] == ["compile"]
+    section = result["sections"]["compile"]
+    for key in ("eager_s", "compiled_s", "compiled_over_eager", "first_step_s"):
+        assert positive(section[key]), key

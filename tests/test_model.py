@@ -187,3 +187,23 @@ def test_shipped_dense_configs_and_parameter_ratio():
     assert counts["bouncing_small"]["total"] >= 2 * counts["dense_flops"]["total"]
     assert counts["dense_flops"]["active"] == pytest.approx(counts["bouncing_small"]["active"], rel=0.02)
     assert counts["dense_params"]["total"] == pytest.approx(counts["bouncing_small"]["total"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_compiled_regions_match_the_eager_model():
+    cfg = tiny()
+    eager = perturbed(build_model(cfg)).eval()  # eval: no random condition dropout between the two
+    compiled = build_model(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_regions()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x, t = inputs(cfg)
+    results = []
+    for model in (eager, compiled):
+        out = model(x, t, labels=torch.tensor([0, 1]), captions=["a red circle", "a blue square"])
+        (out.sample.square().mean() + out.aux.loss).backward()
+        results.append((out.sample.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)

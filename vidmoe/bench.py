@@ -12,7 +12,9 @@ the ratios. Sections:
 - ``generation``: one guided denoising step and one whole clip, for the same three models;
 - ``peer``: the same training step for diffusers' ``LatteTransformer3DModel`` at the same size;
 - ``data``: clips/s from a prepared cache, from decoding the video folder, and from the synthetic
-  renderer, next to the clips/s the training step consumes.
+  renderer, next to the clips/s the training step consumes;
+- ``compile`` (only when named in ``--sections``): the MoE training step eager against
+  ``train.compile=true``, and how long the first, compiling step takes.
 
 ``--size tiny`` runs everything at the size of ``configs/tiny.yaml`` in seconds (the tests use it).
 """
@@ -43,6 +45,8 @@ from .errors import UsageError, check_writable_dir
 from .precision import autocast_dtype, cpu_has_fast_bf16, resolve_mixed_precision
 
 SECTIONS = ("moe_layer", "model_step", "generation", "peer", "data")
+# Asked for by name only: compiling costs about a minute before the first step.
+OPTIONAL_SECTIONS = ("compile",)
 # The dense baselines are the MoE config with these overrides (as configs/dense_flops.yaml and
 # configs/dense_params.yaml are for configs/bouncing_small.yaml).
 MODEL_VARIANTS = {
@@ -380,6 +384,29 @@ def bench_model_step(size: BenchSize, device: torch.device, precision: str, repe
     }
 
 
+def bench_compile(size: BenchSize, device: torch.device, precision: str, repeats: int, warmup: int) -> dict:
+    """The MoE training step eager against ``train.compile`` (each sub-block's attention part compiled)."""
+    from .model import build_model
+
+    cfg = model_configs(size)["moe"]
+    batch = _batch(cfg, size.batch_size, device)
+    steps = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = build_model(cfg.model).to(device)
+        if name == "compiled":
+            model.compile_regions()
+        steps[name] = training_step(model, cfg, batch, device, precision)
+    started = time.monotonic()
+    steps["compiled"]()  # compiles forward and backward
+    first_step = time.monotonic() - started
+    times = interleaved(steps, repeats, warmup, device)
+    eager, compiled = _median(times["eager"]), _median(times["compiled"])
+    return {"config": str(find_config_path(size)), "batch_size": size.batch_size, "eager_s": eager,
+            "compiled_s": compiled, "compiled_over_eager": compiled / eager, "first_step_s": first_step,
+            "samples": times}
+
+
 def bench_generation(size: BenchSize, device: torch.device, precision: str, repeats: int, warmup: int) -> dict:
     """One guided denoising step (a batch-2 forward) and one whole clip, for the three models (random weights)."""
     from .diffusion import guided_velocity, sample
@@ -691,6 +718,11 @@ def format_table(result: dict) -> str:
                   row("", "diffusers Latte", _ms(r["latte_s"]), f"{r['latte_params'] / 1e6:.2f}M params; "
                                                                  f"ours/Latte {r['ours_over_latte']:.2f}, "
                                                                  f"matched/Latte {r['ours_latte_matched_over_latte']:.2f}")]
+    if measured("compile"):
+        r = s["compile"]
+        lines += [row("compile", f"moe eager (batch {r['batch_size']})", _ms(r["eager_s"]), ""),
+                  row("", "moe, train.compile=true", _ms(r["compiled_s"]),
+                      f"{r['compiled_over_eager']:.2f}x eager; first step {r['first_step_s']:.0f} s (compiling)")]
     if measured("data"):
         r = s["data"]
         train = r["train_clips_per_s"]
@@ -725,9 +757,10 @@ def run_bench(sections: Optional[list[str]] = None, size: str = "full", device: 
               progress: Callable[[str], None] = print) -> dict:
     """Run the chosen sections (all by default); returns the result that ``--out`` writes as JSON."""
     sections = list(sections or SECTIONS)
-    unknown = [s for s in sections if s not in SECTIONS]
+    known = SECTIONS + OPTIONAL_SECTIONS
+    unknown = [s for s in sections if s not in known]
     if unknown:
-        raise UsageError(f"unknown bench section '{unknown[0]}'; choose from {', '.join(SECTIONS)}")
+        raise UsageError(f"unknown bench section '{unknown[0]}'; choose from {', '.join(known)}")
     if size not in SIZES:
         raise UsageError(f"--size must be one of {', '.join(SIZES)}")
     bench_size = SIZES[size]
@@ -743,8 +776,8 @@ def run_bench(sections: Optional[list[str]] = None, size: str = "full", device: 
     result = {"size": size, "repeats": repeats, "warmup": bench_size.warmup, "sections_run": sections,
               "machine": describe_machine(dev, resolved), "sections": {}}
     runners = {"moe_layer": bench_moe_layer, "model_step": bench_model_step, "generation": bench_generation,
-               "peer": bench_peer}
-    ordered = [s for s in SECTIONS if s in sections]
+               "peer": bench_peer, "compile": bench_compile}
+    ordered = [s for s in known if s in sections]
     for i, name in enumerate(ordered, 1):
         progress(f"[bench {i}/{len(ordered)}] {name} ...")
         started, load = time.monotonic(), _load_average()
@@ -775,7 +808,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--out", default="bench.json", help="JSON file to write (default: bench.json)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+                        help=f"comma-separated subset of {','.join(SECTIONS + OPTIONAL_SECTIONS)} "
+                             f"(default: all but {','.join(OPTIONAL_SECTIONS)})")
     parser.add_argument("--size", choices=tuple(SIZES), default="full",
                         help="full: the reported sizes; tiny: configs/tiny.yaml sizes, seconds (default: full)")
     parser.add_argument("--repeats", type=int, help="timed rounds per candidate (default: 5 full, 2 tiny)")

@@ -88,21 +88,29 @@ class SubBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None,
                 text_mask: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux | None]:
-        b, t, s, d = x.shape
         mods = self.adaLN_modulation(c)[:, None, None, :].chunk(7 if self.cross_attn else 6, dim=-1)  # [B,1,1,D]
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mods[:6]
-        h = to_sequences(modulate(self.norm1(x), shift_a, scale_a), self.kind)
-        x = x + gate_a * from_sequences(self.attn(h), self.kind, b, t, s)
-        if self.cross_attn is not None:
-            h = self.cross_attn(self.norm_cross(x).reshape(b, t * s, d), context=text, mask=text_mask)
-            x = x + mods[6] * h.view(b, t, s, d)
-        h = modulate(self.norm2(x), shift_f, scale_f)
+        x, h = self.mix(x, mods, text, text_mask)
         aux = None
         if isinstance(self.ffn, MoEFeedForward):
             h, aux = self.ffn(h)
         else:
             h = self.ffn(h)
-        return x + gate_f * h, aux
+        return x + mods[5] * h, aux
+
+    def mix(self, x: torch.Tensor, mods: tuple[torch.Tensor, ...], text: torch.Tensor | None,
+            text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention and cross-attention with their residuals -> (x, the modulated feed-forward input).
+
+        Fixed shapes and many small elementwise passes: the part `compile_regions` hands to torch.compile.
+        """
+        b, t, s, d = x.shape
+        shift_a, scale_a, gate_a, shift_f, scale_f = mods[:5]
+        h = to_sequences(modulate(self.norm1(x), shift_a, scale_a), self.kind)
+        x = x + gate_a * from_sequences(self.attn(h), self.kind, b, t, s)
+        if self.cross_attn is not None:
+            h = self.cross_attn(self.norm_cross(x).reshape(b, t * s, d), context=text, mask=text_mask)
+            x = x + mods[6] * h.view(b, t, s, d)
+        return x, modulate(self.norm2(x), shift_f, scale_f)
 
 
 class FinalLayer(nn.Module):
@@ -201,6 +209,16 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    def compile_regions(self, **options) -> None:
+        """torch.compile each sub-block's attention part (`SubBlock.mix`) in place; the MoE stays eager.
+
+        The MoE's data-dependent shapes break a whole-model graph into pieces that gain nothing;
+        the attention and adaLN part has fixed shapes and is mostly small elementwise passes, which
+        compiling fuses. Parameters and state_dict keys are unchanged.
+        """
+        for block in (*self.spatial_blocks, *self.temporal_blocks):
+            block.mix = torch.compile(block.mix, dynamic=False, **options)
 
     @property
     def model_config(self) -> ModelConfig:

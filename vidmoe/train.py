@@ -323,7 +323,7 @@ class Trainer:
         model = build_model(cfg.model).train()
         self.counts = model.parameter_counts()
         if tc.compile:
-            model.compile()  # in place, so the state_dict keys stay those of the plain model
+            model.compile_regions()  # in place, so the state_dict keys stay those of the plain model
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, *self._optimizer_and_schedule(model))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = EMAModel(self.params, decay=tc.ema_decay, foreach=True)
