@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import vidmoe
-from vidmoe.model import MIN_VELOCITY_T, VidMoETransformer, build_model, from_sequences, to_sequences
+from vidmoe.model import (MIN_VELOCITY_T, VidMoETransformer, build_model, edm_coefficients, from_sequences,
+                          to_sequences)
 
 from conftest import CONFIGS
 
@@ -53,14 +54,17 @@ def test_sequence_regrouping_round_trips():
 
 @pytest.mark.parametrize("ffn", ["moe", "dense"])
 def test_untrained_model_predicts_exact_zero(ffn):
-    """adaLN-Zero: the head starts at zero, so a velocity model outputs 0 and an x0 model x_t / t."""
+    """adaLN-Zero: the head starts at zero, so a velocity model outputs 0, an x0 model x_t / t and an
+    edm model its skip connection's velocity."""
     x, t = inputs(tiny())
     t[0] = 0.01  # below MIN_VELOCITY_T: divided by the clamp instead
-    for prediction in ("velocity", "x0"):
+    for prediction in ("velocity", "x0", "edm"):
         cfg = tiny(f"model.ffn={ffn}", f"model.prediction={prediction}")
         out = build_model(cfg)(x, t, labels=torch.tensor([1, 2]), captions=["a red circle", ""])
         if prediction == "velocity":
             assert torch.count_nonzero(out.sample) == 0
+        elif prediction == "edm":
+            torch.testing.assert_close(out.sample, edm_coefficients(t, cfg.sigma_data)[1] * x, rtol=1e-6, atol=0)
         else:
             expected = x / t.clamp(min=MIN_VELOCITY_T).view(-1, 1, 1, 1, 1)
             torch.testing.assert_close(out.sample, expected, rtol=1e-6, atol=0)
@@ -79,6 +83,26 @@ def test_x0_and_velocity_heads_describe_the_same_flow():
         x0 = model(x, t, **kwargs).sample  # the raw head: the x0 estimate
     torch.testing.assert_close(v, (x - x0) / t.view(-1, 1, 1, 1, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x - t.view(-1, 1, 1, 1, 1) * v, x0, rtol=1e-5, atol=1e-5)
+
+
+def test_edm_head_is_the_preconditioned_x0_estimate():
+    """The edm velocity is (x_t - x0) / t for x0 = c_skip x_t + c_out F(c_in x_t), written out as in Karras et al."""
+    cfg = tiny("model.prediction=edm", "model.sigma_data=0.8")
+    model = perturbed(build_model(cfg)).eval()
+    x, t = inputs(cfg)
+    kwargs = dict(labels=torch.tensor([0, 1]), captions=["a red circle", "a blue square"])
+    sd, tt = 0.8, t.view(-1, 1, 1, 1, 1)
+    var = (1 - tt) ** 2 * sd ** 2 + tt ** 2
+    c_in, c_skip, c_out = var.rsqrt(), (1 - tt) * sd ** 2 / var, tt * sd / var.sqrt()
+    with torch.no_grad():
+        v = model(x, t, **kwargs).sample
+        model.cfg.prediction = "velocity"
+        f = model(c_in * x, t, **kwargs).sample  # the raw head F on the scaled input
+    torch.testing.assert_close(v, (x - (c_skip * x + c_out * f)) / tt, rtol=1e-4, atol=1e-4)
+    # Bounded at both ends: at t = 1 the clip is sd * F; at t = 0 the velocity is finite.
+    c_in, skip, out = edm_coefficients(torch.tensor([0.0, 1.0]), sd)
+    assert torch.isfinite(skip).all() and torch.allclose(skip.flatten(), torch.tensor([-1.0, 1.0]))
+    assert torch.allclose(out.flatten(), torch.tensor([1.0, sd])) and torch.allclose(c_in.flatten(), torch.tensor([1 / sd, 1.0]))
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -74,7 +74,12 @@ class ModelConfig:
     # the code expects as (x_t - x0) / t. velocity: the velocity itself. In pixel space a token
     # holds more values than the width can carry (4x4x2x3 = 96 here), and a velocity model must
     # copy the noise through: its clips come out as speckle (Li & He 2025, "Back to Basics").
+    # edm: the preconditioning of Karras et al. 2022 ("Elucidating the Design Space"), written for
+    # the flow x_t = (1 - t) x0 + t noise: x0 = c_skip(t) x_t + c_out(t) F(c_in(t) x_t), so near
+    # t = 0 the clip passes through a skip connection instead of through the network, near t = 1
+    # it is an x0 head, and F's target has unit variance at every t.
     prediction: str = "x0"
+    sigma_data: float = 0.5  # edm: root mean square of the training pixels (or latents)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -182,7 +187,7 @@ _CHOICES = {
     ("moe", "dispatch"): ("auto", "grouped", "loop"),
     ("model", "ffn"): ("moe", "dense"),
     ("model", "dense_match"): (None, "flops", "params"),
-    ("model", "prediction"): ("x0", "velocity"),
+    ("model", "prediction"): ("x0", "velocity", "edm"),
     ("model", "cross_attention"): ("both", "spatial"),
     ("train", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
     ("sample", "format"): ("mp4", "gif", "webm", "png"),
@@ -358,7 +363,7 @@ def validate(cfg: Config) -> None:
     m, moe = cfg.model, cfg.model.moe
     # positive first: the divisibility checks below divide by these
     for name in ("depth", "num_heads", "hidden_size", "ffn_hidden", "in_channels", "patch_size", "temporal_patch_size",
-                 "vae_scale"):
+                 "vae_scale", "sigma_data"):
         _check(getattr(m, name) > 0, f"model.{name} must be positive")
     if isinstance(m.sample_size, list):
         _check(len(m.sample_size) == 2, f"model.sample_size must be an int or [H, W]; got {m.sample_size}")

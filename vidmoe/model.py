@@ -138,6 +138,19 @@ def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> to
     return (x_t.float() - x0.float()) / t
 
 
+def edm_coefficients(t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_in, skip, out) for t [B] as [B, 1, 1, 1, 1]: the edm velocity is skip * x_t - out * F(c_in * x_t).
+
+    With var = (1 - t)^2 sd^2 + t^2, the variance of x_t: c_in = var^-1/2, and the velocity
+    (x_t - x0) / t of x0 = c_skip x_t + c_out F, c_skip = (1 - t) sd^2 / var, c_out = t sd var^-1/2,
+    simplifies to skip = (t - (1 - t) sd^2) / var and out = sd var^-1/2: bounded, no division by t.
+    """
+    t = t.float().reshape(-1, 1, 1, 1, 1)
+    sd2 = sigma_data ** 2
+    var = (1 - t) ** 2 * sd2 + t ** 2
+    return var.rsqrt(), (t - (1 - t) * sd2) / var, sigma_data * var.rsqrt()
+
+
 @dataclass
 class VidMoEOutput(BaseOutput):
     """Velocity prediction and the MoE auxiliary results."""
@@ -241,7 +254,12 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
             weights = text_mask.float().unsqueeze(-1)
             c = c + self.text_pool((text * weights).sum(1) / weights.sum(1))
 
-        h = self.patch_embed(x) + self.pos_spatial + self.pos_temporal  # [B, T', S, D]
+        cfg = self.cfg
+        if cfg.prediction == "edm":
+            c_in, skip, scale_out = edm_coefficients(timestep.expand(b) if timestep.dim() == 0 else timestep,
+                                                     cfg.sigma_data)
+        h = self.patch_embed(x * c_in.to(x.dtype) if cfg.prediction == "edm" else x)  # [B, T', S, D]
+        h = h + self.pos_spatial + self.pos_temporal
         auxes = []
         for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
             for kind, block in (("spatial", spatial), ("temporal", temporal)):
@@ -250,11 +268,12 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
                     auxes.append((f"blocks.{i}.{kind}", aux))
         out = self.final_layer(h, c)  # [B, T', S, pt*p*p*C]
         t, hh, ww = self.grid
-        cfg = self.cfg
         sample = rearrange(out, "b t (h w) (pt p q c) -> b c (t pt) (h p) (w q)",
                            h=hh, w=ww, pt=cfg.temporal_patch_size, p=cfg.patch_size, q=cfg.patch_size)
         if cfg.prediction == "x0":
             sample = velocity_from_x0(x, sample, timestep)
+        elif cfg.prediction == "edm":
+            sample = skip * x.float() - scale_out * sample.float()
         aux = MoEAux.combine(auxes, device=x.device)
         if not return_dict:
             return sample, aux
