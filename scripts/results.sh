@@ -16,6 +16,7 @@
 #   evaluate96  its evaluations
 #   width       the pilot that chose the configs' width: two 25-minute runs side by side
 #   shared      a pilot: MoE with a shared expert against dense_flops, 30 minutes side by side
+#   edm         a pilot: the MoE with the edm head against the x0 head, 60 minutes side by side
 #   solo        the shipped model: bouncing_small alone on both cores, 88 minutes
 #   sweep       a guidance sweep of the solo model on other seeds than the reported evaluations
 #   ship        its fp16 copy in samples/bouncing-moe, with the guidance the sweep picked
@@ -129,6 +130,26 @@ if [[ $step == shared || $step == all ]]; then
     done
     wait
     grep -h -A4 "Independent" "$RESULTS"/shared/*/report.md
+fi
+
+if [[ $step == edm || $step == all ]]; then
+    # A pilot: does edm preconditioning (a skip connection carries the clip near t = 0) sharpen the
+    # objects' edges, whose soft fringes the physics checker counts as extra objects? The configs'
+    # x0 head against edm (sigma_data: the RMS of bouncing-shapes pixels in [-1, 1]), 60 minutes side
+    # by side with the configs' decay; both evaluated on two seeds.
+    PILOT="train.time_budget_minutes=60 train.checkpoint_every=100000 train.sample_every=0"
+    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/pilot_x0" $PILOT \
+        > "$RUNS/pilot_x0.log" 2>&1 &
+    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/pilot_edm" $PILOT \
+        model.prediction=edm model.sigma_data=0.83 > "$RUNS/pilot_edm.log" 2>&1 &
+    wait
+    for run in pilot_x0 pilot_edm; do
+        (   vidmoe eval --model "$RUNS/$run/model" --out "$RESULTS/edm/$run" --no-fvd
+            vidmoe eval --model "$RUNS/$run/model" --out "$RESULTS/edm/$run-seed1" --no-fvd --seed 1
+        ) > "$RESULTS/edm-$run.log" 2>&1 &
+    done
+    wait
+    grep -h -A4 "Independent" "$RESULTS"/edm/*/report.md
 fi
 
 if [[ $step == solo || $step == all ]]; then

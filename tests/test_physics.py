@@ -110,3 +110,15 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_value(real):
     assert a == b
     low, high = a["objects_per_frame"]["ci"]
     assert low <= a["objects_per_frame"]["value"] <= high
+
+
+def test_soft_edges_show_up_as_fragments(real):
+    """Blending every frame with itself shifted by a pixel gives shapes an in-between-colour rim, which
+    falls apart into tiny pieces; real clips have hard edges and (nearly) no fragments."""
+    clips = real.astype(np.float64)
+    soft = ((clips + np.roll(clips, 1, axis=2) + np.roll(clips, 1, axis=3) + np.roll(clips, (1, 1), axis=(2, 3))) / 4)
+    scores = {name: physics.summarize(physics.per_clip_metrics(c.round().astype(np.uint8)), resamples=10)
+              for name, c in (("real", clips), ("soft", soft))}
+    assert value(scores["real"], "fragments_per_frame") < 0.05
+    assert value(scores["soft"], "fragments_per_frame") > 1.0
+    assert value(scores["soft"], "objects_per_frame") > value(scores["real"], "objects_per_frame") + 1.0

@@ -287,6 +287,7 @@ def _fmt(entry) -> str:
 
 PHYSICS_ROWS = {
     "objects_per_frame": "objects per frame",
+    "fragments_per_frame": "... of them fragments (under 0.5% of the frame)",
     "count_stability": "count stability (share of frames at the clip's usual count)",
     "color_consistency": "colour consistency along tracks",
     "motion_residual": "constant-velocity residual (px/frame², away from walls)",

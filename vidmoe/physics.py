@@ -7,7 +7,7 @@ What a clip is scored on, in the order the pipeline computes it:
 2. Objects: pixels far from the background in colour, grouped by colour (a few colour centres
    per clip), then into 8-connected components per frame; tiny components are noise.
 3. Tracks: each object is linked to the nearest object of the previous frame (position only).
-4. Scores per clip: objects per frame and how stable that count is (``flicker`` when it changes
+4. Scores per clip: objects per frame (and how many of them are tiny fragments), how stable that count is (``flicker`` when it changes
    often), colour consistency along tracks, the constant-velocity residual (the second difference
    of centroid positions, away from walls and occlusions), bounce correctness (velocity sign flips
    happen next to the wall they point at), ``frozen`` (almost no pixel changes between frames) and
@@ -44,9 +44,13 @@ RESIDUAL_FRACTION = 0.04  # ... whichever is larger; pixel rounding alone gives 
 MIN_COLOR_CONSISTENCY = 0.9  # plausible clips keep their objects' colours at least this often ...
 MIN_BOUNCE_CORRECTNESS = 0.5  # ... and flip velocity at a wall at least this often
 EMPTY_OBJECTS = 0.5  # fewer objects per frame than this on average: an empty clip
+# Objects smaller than this share of the frame (5 px at 32x32) are counted as fragments too: the
+# smallest bouncing shape covers about 15 px, while a soft, blended edge of a generated shape
+# leaves 2-4 px pieces of an in-between colour that count as objects of their own.
+FRAGMENT_AREA_FRACTION = 0.005
 
 # Aggregates of ``summarize``: mean of the per-clip value over clips (rates are means of booleans).
-MEAN_METRICS = ("objects_per_frame", "count_stability", "count_change_rate", "color_consistency",
+MEAN_METRICS = ("objects_per_frame", "fragments_per_frame", "count_stability", "count_change_rate", "color_consistency",
                 "motion_residual", "changed_fraction", "frozen", "flicker", "empty", "plausible")
 
 
@@ -247,6 +251,7 @@ def clip_metrics(clip: np.ndarray, use_scipy: Optional[bool] = None) -> dict:
     t_len, h, w, _ = clip.shape
     frames = detect_objects(clip, use_scipy)
     counts = np.array([len(f) for f in frames])
+    fragments = [sum(b.area < FRAGMENT_AREA_FRACTION * h * w for b in f) for f in frames]
     values, freq = np.unique(counts, return_counts=True)
     mode = int(values[np.argmax(freq)])
     change_rate = float(np.mean(counts[1:] != counts[:-1])) if t_len > 1 else 0.0
@@ -276,6 +281,7 @@ def clip_metrics(clip: np.ndarray, use_scipy: Optional[bool] = None) -> dict:
     return {
         "counts": counts.tolist(),
         "objects_per_frame": float(counts.mean()),
+        "fragments_per_frame": float(np.mean(fragments)),
         "count_mode": mode,
         "count_stability": float(np.mean(counts == mode)),
         "count_change_rate": change_rate,
