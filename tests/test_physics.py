@@ -112,13 +112,20 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_value(real):
     assert low <= a["objects_per_frame"]["value"] <= high
 
 
-def test_soft_edges_show_up_as_fragments(real):
+def test_soft_edges_show_up_as_fragments(rendered, real):
     """Blending every frame with itself shifted by a pixel gives shapes an in-between-colour rim, which
     falls apart into tiny pieces; real clips have hard edges and (nearly) no fragments."""
     clips = real.astype(np.float64)
     soft = ((clips + np.roll(clips, 1, axis=2) + np.roll(clips, 1, axis=3) + np.roll(clips, (1, 1), axis=(2, 3))) / 4)
-    scores = {name: physics.summarize(physics.per_clip_metrics(c.round().astype(np.uint8)), resamples=10)
-              for name, c in (("real", clips), ("soft", soft))}
+    per_clip = {name: physics.per_clip_metrics(c.round().astype(np.uint8)) for name, c in (("real", clips), ("soft", soft))}
+    scores = {name: physics.summarize(p, resamples=10) for name, p in per_clip.items()}
     assert value(scores["real"], "fragments_per_frame") < 0.05
     assert value(scores["soft"], "fragments_per_frame") > 1.0
     assert value(scores["soft"], "objects_per_frame") > value(scores["real"], "objects_per_frame") + 1.0
+
+    # The checker's agreement counts fragments; its diagnostic shows what they alone cost.
+    specks = real.copy()
+    specks[:, :, 0, :2] = specks[:, :, -1, -2:] = (150, 150, 150)  # two 2-px pieces in every frame
+    checked = physics.checker(physics.per_clip_metrics(specks), per_clip["real"],
+                              [clip["num_objects"] for clip in rendered])
+    assert checked["objects_per_frame_agreement"] < 0.2 and checked["agreement_without_fragments"] > 0.9

@@ -325,6 +325,8 @@ def format_report(metrics: dict) -> str:
     ratio_text = "-" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}"
     lines += ["", "## Independent checker", "",
               f"- objects per frame agreement ({c['agreement_basis']}): {c['objects_per_frame_agreement']:.3f}",
+              *([f"  (diagnostic: {c['agreement_without_fragments']:.3f} if fragments under 0.5% of the frame "
+                 "were not counted)"] if "agreement_without_fragments" in c else []),
               f"- motion residual generated / real: {ratio_text} "
               f"(within 3x: {'yes' if c['motion_residual_within_3x_real'] else 'no'})",
               f"- frozen or empty generated clips: {c['frozen_or_empty_rate']:.3f} "

@@ -280,6 +280,7 @@ def clip_metrics(clip: np.ndarray, use_scipy: Optional[bool] = None) -> dict:
                  and not residual > residual_limit and not (flips and correct / flips < MIN_BOUNCE_CORRECTNESS))
     return {
         "counts": counts.tolist(),
+        "fragment_counts": fragments,
         "objects_per_frame": float(counts.mean()),
         "fragments_per_frame": float(np.mean(fragments)),
         "count_mode": mode,
@@ -353,9 +354,11 @@ def shuffled_clips(videos, seed: int = 0) -> np.ndarray:
     return out
 
 
-def count_agreement(per_clip: Sequence[dict], expected: Sequence[int]) -> float:
-    """Share of frames whose object count equals the count asked for (e.g. the objects named in the prompt)."""
-    hits = [np.mean(np.array(c["counts"]) == e) for c, e in zip(per_clip, expected)]
+def count_agreement(per_clip: Sequence[dict], expected: Sequence[int], fragments: bool = True) -> float:
+    """Share of frames whose object count equals the count asked for (e.g. the objects named in the prompt);
+    with ``fragments=False`` objects under FRAGMENT_AREA_FRACTION of the frame are not counted."""
+    counts = [np.array(c["counts"]) - (0 if fragments else np.array(c["fragment_counts"])) for c in per_clip]
+    hits = [np.mean(n == e) for n, e in zip(counts, expected)]
     return float(np.mean(hits)) if hits else float("nan")
 
 
@@ -377,8 +380,11 @@ def checker(generated: Sequence[dict], real: Sequence[dict], expected_counts: Op
     - motion residual of generated clips within ``residual_factor`` times that of real clips;
     - frozen or empty clips rare (at most ``rare`` of the generated clips).
     """
+    extra = {}
     if expected_counts is not None:
         agreement, basis = count_agreement(generated, expected_counts), "prompt object count"
+        # A diagnostic, not the checker's number: how much of the disagreement is fragments alone.
+        extra["agreement_without_fragments"] = count_agreement(generated, expected_counts, fragments=False)
     else:
         agreement, basis = count_histogram_overlap(generated, real), "count distribution overlap with real"
     gen = _aggregate(generated, np.arange(len(generated)))
@@ -388,6 +394,7 @@ def checker(generated: Sequence[dict], real: Sequence[dict], expected_counts: Op
     return {
         "objects_per_frame_agreement": agreement,
         "agreement_basis": basis,
+        **extra,
         "motion_residual_ratio": ratio,
         "residual_factor": residual_factor,
         "motion_residual_within_3x_real": bool(ratio <= residual_factor),
