@@ -95,7 +95,8 @@ class SubBlock(nn.Module):
             h, aux = self.ffn(h)
         else:
             h = self.ffn(h)
-        return x + mods[5] * h, aux
+        gate_f = mods[5]  # order of the chunks: shift, scale, gate of attention, then of the feed-forward
+        return x + gate_f * h, aux
 
     def mix(self, x: torch.Tensor, mods: tuple[torch.Tensor, ...], text: torch.Tensor | None,
             text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +244,8 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         """x [B, C, T, H, W], timestep [B] in [0, 1] (1 = noise) -> velocity [B, C, T, H, W]."""
         b = x.shape[0]
         drop = self._drop_mask(b, drop, x.device)
-        c = self.t_embedder(timestep.expand(b) if timestep.dim() == 0 else timestep)  # [B, D]
+        timestep = timestep.expand(b) if timestep.dim() == 0 else timestep  # [B]
+        c = self.t_embedder(timestep)  # [B, D]
         if self.y_embedder is not None:
             c = c + self.y_embedder(labels, drop, b)
         text = text_mask = None
@@ -255,11 +257,11 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
             c = c + self.text_pool((text * weights).sum(1) / weights.sum(1))
 
         cfg = self.cfg
+        x_in = x
         if cfg.prediction == "edm":
-            c_in, skip, scale_out = edm_coefficients(timestep.expand(b) if timestep.dim() == 0 else timestep,
-                                                     cfg.sigma_data)
-        h = self.patch_embed(x * c_in.to(x.dtype) if cfg.prediction == "edm" else x)  # [B, T', S, D]
-        h = h + self.pos_spatial + self.pos_temporal
+            c_in, skip, scale_out = edm_coefficients(timestep, cfg.sigma_data)  # each [B, 1, 1, 1, 1]
+            x_in = x * c_in.to(x.dtype)
+        h = self.patch_embed(x_in) + self.pos_spatial + self.pos_temporal  # [B, T', S, D]
         auxes = []
         for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
             for kind, block in (("spatial", spatial), ("temporal", temporal)):
