@@ -10,8 +10,8 @@
 #   train       the study: MoE and dense_flops side by side, one core each, 88 minutes each,
 #               with the configs' own recipe (the shipped model's)
 #   evaluate    the study's time-to-quality curves, final evaluations and gifs
-#   params      the study's third model: dense_params (the MoE's total parameters), 88 minutes on one core
-#   evaluate_params  its curve beside the study's two, its final evaluation and gifs
+#   params      the study's third model: dense_params (the MoE's total parameters), 88 minutes on one
+#               core (not run to the end yet; the README says so)
 #   train96     the earlier study: the same at width 96 (experts of 384), constant learning rate
 #   evaluate96  its evaluations
 #   width       the pilot that chose the configs' width: two 25-minute runs side by side
