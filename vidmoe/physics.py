@@ -7,11 +7,11 @@ What a clip is scored on, in the order the pipeline computes it:
 2. Objects: pixels far from the background in colour, grouped by colour (a few colour centres
    per clip), then into 8-connected components per frame; tiny components are noise.
 3. Tracks: each object is linked to the nearest object of the previous frame (position only).
-4. Scores per clip: objects per frame (and how many of them are tiny fragments), how stable that count is (``flicker`` when it changes
-   often), colour consistency along tracks, the constant-velocity residual (the second difference
-   of centroid positions, away from walls and occlusions), bounce correctness (velocity sign flips
-   happen next to the wall they point at), ``frozen`` (almost no pixel changes between frames) and
-   ``empty`` (no object most of the time).
+4. Scores per clip: objects per frame (and how many of them are tiny fragments), how stable that
+   count is (``flicker`` when it changes often), colour consistency along tracks, the
+   constant-velocity residual (the second difference of centroid positions, away from walls and
+   occlusions), bounce correctness (velocity sign flips happen next to the wall they point at),
+   ``frozen`` (almost no pixel changes between frames) and ``empty`` (no object most of the time).
 
 Sizes and speeds scale with the frame, so thresholds are fractions of min(H, W) where that matters.
 ``summarize`` averages the scores over clips with bootstrap confidence intervals; ``checker``
@@ -46,12 +46,13 @@ MIN_BOUNCE_CORRECTNESS = 0.5  # ... and flip velocity at a wall at least this of
 EMPTY_OBJECTS = 0.5  # fewer objects per frame than this on average: an empty clip
 # Objects smaller than this share of the frame (5 px at 32x32) are counted as fragments too: the
 # smallest bouncing shape covers about 15 px, while a soft, blended edge of a generated shape
-# leaves 2-4 px pieces of an in-between colour that count as objects of their own.
+# leaves 2-5 px pieces of an in-between colour that count as objects of their own.
 FRAGMENT_AREA_FRACTION = 0.005
 
 # Aggregates of ``summarize``: mean of the per-clip value over clips (rates are means of booleans).
-MEAN_METRICS = ("objects_per_frame", "fragments_per_frame", "count_stability", "count_change_rate", "color_consistency",
-                "motion_residual", "changed_fraction", "frozen", "flicker", "empty", "plausible")
+MEAN_METRICS = ("objects_per_frame", "fragments_per_frame", "count_stability", "count_change_rate",
+                "color_consistency", "motion_residual", "changed_fraction", "frozen", "flicker", "empty",
+                "plausible")
 
 
 @dataclass
