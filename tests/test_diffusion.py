@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from vidmoe.diffusion import (add_noise, flow_loss, guided_velocity, make_scheduler, sample, sample_timesteps,
-                              to_uint8_frames)
+from vidmoe.diffusion import (add_noise, flow_loss, gaussian_blur_frames, guided_velocity, make_scheduler, sample,
+                              sample_timesteps, to_uint8_frames)
 from vidmoe.errors import UsageError
 
 
@@ -42,6 +42,36 @@ def test_flow_loss_target_is_noise_minus_data():
     zero = lambda x, t, labels=None, captions=None: SimpleNamespace(sample=torch.zeros_like(x))  # noqa: E731
     loss, _ = flow_loss(zero, x0, t, noise)
     assert torch.allclose(loss, ((noise - x0) ** 2).flatten(1).mean(1))
+
+
+def test_flow_loss_from_a_degraded_source_targets_the_clean_clip():
+    """Noising a blurred copy: the target still leads from x_t to the sharp x0, so an x0 oracle scores zero."""
+    x0, noise = torch.randn(3, 2, 4, 8, 8), torch.randn(3, 2, 4, 8, 8)
+    source = x0 + 0.3 * torch.randn_like(x0)
+    t = torch.tensor([0.05, 0.3, 0.9])
+    oracle = OracleModel(x0)
+    loss, _ = flow_loss(lambda x, t, labels=None, captions=None: oracle(x, t), x0, t, noise, source=source)
+    assert loss.abs().max() < 1e-9
+    assert torch.allclose(oracle.calls[0][0], t)
+    # The clean target (noise - x0) would not do: at low t the difference is amplified by (1 - t) / t.
+    plain = lambda x, t, labels=None, captions=None: SimpleNamespace(sample=noise - x0)  # noqa: E731
+    off, _ = flow_loss(plain, x0, t, noise, source=source)
+    assert off[0] > 100 * off[2] > 0
+    same, _ = flow_loss(plain, x0, t, noise, source=x0)
+    assert same.abs().max() < 1e-9
+
+
+def test_gaussian_blur_matches_torchvision_per_clip():
+    from torchvision.transforms.functional import gaussian_blur
+
+    x = torch.rand(2, 3, 4, 16, 16)
+    sigma = torch.tensor([0.4, 1.0])
+    out = gaussian_blur_frames(x, sigma)
+    for i, s in enumerate(sigma.tolist()):
+        ref = gaussian_blur(x[i].flatten(0, 1), kernel_size=7, sigma=s).unflatten(0, (3, 4))
+        assert torch.allclose(out[i], ref, atol=1e-6)
+    flat = torch.full((1, 3, 2, 8, 8), 0.25)
+    assert torch.allclose(gaussian_blur_frames(flat, torch.tensor([0.8])), flat)
 
 
 @pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "heun", "dpm++"])

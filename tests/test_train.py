@@ -13,8 +13,8 @@ from vidmoe.config import load_config
 from vidmoe.data import build_dataset, collate
 from vidmoe.errors import UsageError
 from vidmoe.model import build_model
-from vidmoe.train import (COMPLETE_MARKER, EpochBatchSampler, find_checkpoint, list_checkpoints, train,
-                          training_loss, wsd_factor)
+from vidmoe.train import (COMPLETE_MARKER, EpochBatchSampler, find_checkpoint, list_checkpoints,
+                          soft_edge_source, train, training_loss, training_timesteps, wsd_factor)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -174,6 +174,56 @@ def test_resume_continues_exactly(tmp_path):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "log.jsonl").read_text().splitlines()]
               for r in "ab"]
     assert len(losses[0]) == 10 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_init_from_starts_from_an_exported_model(tmp_path, capsys):
+    first = tmp_path / "first"
+    train(tiny(first, "train.max_steps=3", "train.checkpoint_every=0"))
+    weights = load_file(first / "model" / "diffusion_pytorch_model.safetensors")
+    # A learning rate of ~0 and no EMA lag: the fine-tuned export must be the model it started from.
+    second = tmp_path / "second"
+    train(tiny(second, f"train.init_from={first / 'model'}", "train.max_steps=1", "train.lr=1e-12",
+               "train.ema_decay=0.0", "train.checkpoint_every=0"))
+    tuned = load_file(second / "model" / "diffusion_pytorch_model.safetensors")
+    assert tuned.keys() == weights.keys()
+    assert all(torch.allclose(tuned[k], weights[k], atol=1e-6) for k in weights)
+    fresh = tmp_path / "fresh"
+    train(tiny(fresh, "train.max_steps=1", "train.lr=1e-12", "train.ema_decay=0.0", "train.checkpoint_every=0"))
+    other = load_file(fresh / "model" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.allclose(other[k], weights[k], atol=1e-6) for k in weights)
+    # A folder of another network: one line, exit status 2, nothing trained.
+    capsys.readouterr()
+    code = main(["train", "--config", str(TINY), *tiny_overrides(tmp_path / "wide", "model.hidden_size=64"),
+                 f"train.init_from={first / 'model'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.init_from" in err[0]
+    assert not (tmp_path / "wide" / "model").exists()
+
+
+def test_low_timestep_fraction_moves_that_share_below_the_cut(tmp_path):
+    torch.manual_seed(0)
+    base = training_timesteps(20000, tiny(tmp_path, "train.timestep_mean=1.2", "train.timestep_std=1.4").train, "cpu")
+    mixed = training_timesteps(20000, tiny(tmp_path, "train.timestep_mean=1.2", "train.timestep_std=1.4",
+                                           "train.low_timestep_fraction=0.25", "train.low_timestep_max=0.2").train, "cpu")
+    assert 0 < mixed.min() and mixed.max() < 1
+    assert (base < 0.1).float().mean() < 0.02  # logit-normal(1.2, 1.4) rarely goes there
+    # A quarter uniform in (0, 0.2) puts about an eighth below 0.1, on top of the logit-normal's share.
+    assert abs((mixed < 0.1).float().mean() - 0.125 - 0.75 * (base < 0.1).float().mean()) < 0.01
+
+
+def test_soft_edge_source_blurs_only_low_noise_clips(tmp_path):
+    x0 = torch.zeros(4, 3, 2, 16, 16)
+    x0[..., 4:12, 4:12] = 1.0  # hard-edged squares
+    t = torch.tensor([0.1, 0.2, 0.7, 0.9])
+    assert soft_edge_source(x0, t, tiny(tmp_path).train) is None  # off by default
+    cfg = tiny(tmp_path, "train.blur_prob=1.0", "train.blur_max_t=0.5", "train.blur_sigma=[0.8, 1.0]").train
+    source = soft_edge_source(x0, t, cfg)
+    assert torch.equal(source[2:], x0[2:])  # high noise: untouched
+    edge = source[:2, ..., 8, 3:5]  # across the left edge: soft now, and every value in between
+    assert ((edge > 0.01) & (edge < 0.99)).all()
+    assert torch.allclose(source[:2].sum((2, 3, 4)), x0[:2].sum((2, 3, 4)), rtol=1e-4)  # blur keeps the mass
+    with pytest.raises(Exception, match="train.blur_prob"):
+        tiny(tmp_path, "train.blur_prob=1.5")
 
 
 def test_warmup_stable_decay_factor():

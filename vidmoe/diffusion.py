@@ -9,11 +9,13 @@ sampling loop divides by ``num_train_timesteps`` before calling the model.
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .config import ConfigError
 from .errors import UsageError
@@ -51,12 +53,41 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.T
 
 
 def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-              labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None):
-    """Velocity-matching loss per sample [B] (mean over C, T, H, W) and the model's output."""
-    out = model(add_noise(x0, t, noise), t, labels=labels, captions=captions)
+              labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None,
+              source: Optional[torch.Tensor] = None):
+    """Velocity-matching loss per sample [B] (mean over C, T, H, W) and the model's output.
+
+    ``source`` (default ``x0``) is the clip that is noised; the target is still the velocity
+    (x_t - x0) / t that leads from x_t to ``x0``. With x_t = (1 - t) source + t noise that is
+    noise - x0 + (1 - t) / t (source - x0): a model that predicts x0 must undo the difference.
+    """
+    x_t = add_noise(x0 if source is None else source, t, noise)
+    out = model(x_t, t, labels=labels, captions=captions)
     target = noise - x0
+    if source is not None:
+        shape = (-1, *([1] * (x0.dim() - 1)))
+        target = target + ((1 - t) / t).view(shape).to(x0.dtype) * (source - x0)
     per_sample = F.mse_loss(out.sample.float(), target.float(), reduction="none").flatten(1).mean(1)
     return per_sample, out
+
+
+def gaussian_blur_frames(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each clip of [B, C, T, H, W] blurred frame by frame by a Gaussian of its own ``sigma`` [B] pixels.
+
+    The kernel spans 3 sigma (at least 3 taps); borders are reflected, so a flat frame stays flat.
+    """
+    b, c, t, h, w = x.shape
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma.float().to(x.device)[:, None]) ** 2)  # [B, K]
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.dtype)
+    # One depthwise pass per axis; every (clip, channel, frame) is a channel of the convolution.
+    planes = rearrange(x, "b c t h w -> 1 (b c t) h w")
+    weights = kernel.repeat_interleave(c * t, dim=0)  # [B*C*T, K]
+    planes = F.pad(planes, (radius, radius, radius, radius), mode="reflect")
+    planes = F.conv2d(planes, weights[:, None, None, :], groups=b * c * t)  # along W
+    planes = F.conv2d(planes, weights[:, None, :, None], groups=b * c * t)  # along H
+    return rearrange(planes, "1 (b c t) h w -> b c t h w", b=b, c=c)
 
 
 def scheduler_class(name: Optional[str] = None):

@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError, config_to_dict, load_config, save_config
-from .diffusion import flow_loss, load_vae, make_scheduler, sample, sample_timesteps, to_uint8_frames, vae_decode, \
-    vae_encode
+from .diffusion import flow_loss, gaussian_blur_frames, load_vae, make_scheduler, sample, sample_timesteps, \
+    to_uint8_frames, vae_decode, vae_encode
 from .errors import DataError, UsageError, check_writable_dir
 from .generate import EXAMPLE_CONDITIONS_FILE, example_conditions
 from .model import build_model
@@ -214,11 +214,52 @@ def model_inputs(batch: dict, model_cfg, device: torch.device, vae=None):
     return x0, labels, captions
 
 
+def load_initial_weights(model: torch.nn.Module, path: str) -> None:
+    """Copy the weights of an exported model folder into ``model`` (train.init_from).
+
+    ModelFolderError if ``path`` is not a model folder, ConfigError if its weights do not fit ``model``.
+    """
+    from .generate import load_model_dir
+
+    source, _, _ = load_model_dir(path, "cpu")
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise ConfigError(f"train.init_from={path}: its weights do not fit the network this config builds "
+                          f"(use that model's model section): {detail}") from None
+
+
+def training_timesteps(n: int, train_cfg, device) -> torch.Tensor:
+    """Timesteps [n]: logit-normal (train.timestep_mean/std), a train.low_timestep_fraction of them uniform
+    in (0, train.low_timestep_max) instead."""
+    t = sample_timesteps(n, train_cfg.timestep_mean, train_cfg.timestep_std, device=device)
+    if train_cfg.low_timestep_fraction > 0:
+        low = torch.rand(n, device=device) < train_cfg.low_timestep_fraction
+        t = torch.where(low, torch.rand(n, device=device).clamp(min=1e-4) * train_cfg.low_timestep_max, t)
+    return t
+
+
+def soft_edge_source(x0: torch.Tensor, t: torch.Tensor, train_cfg) -> Optional[torch.Tensor]:
+    """The clips to noise under train.blur_prob (config): x0 with some low-noise clips blurred, or None."""
+    if train_cfg.blur_prob <= 0:
+        return None
+    chosen = (t < train_cfg.blur_max_t) & (torch.rand(t.shape, device=t.device) < train_cfg.blur_prob)
+    if not bool(chosen.any()):
+        return None
+    low, high = train_cfg.blur_sigma
+    sigma = low + (high - low) * torch.rand(int(chosen.sum()), device=t.device)
+    source = x0.clone()
+    source[chosen] = gaussian_blur_frames(x0[chosen], sigma)
+    return source
+
+
 def training_loss(model, x0: torch.Tensor, labels, captions, train_cfg):
     """Rectified-flow loss on one batch plus the MoE auxiliary losses: (total, flow loss, model output)."""
-    t = sample_timesteps(x0.shape[0], train_cfg.timestep_mean, train_cfg.timestep_std, device=x0.device)
+    t = training_timesteps(x0.shape[0], train_cfg, x0.device)
     noise = torch.randn_like(x0)
-    per_sample, out = flow_loss(model, x0, t, noise, labels=labels, captions=captions)
+    source = soft_edge_source(x0, t, train_cfg)
+    per_sample, out = flow_loss(model, x0, t, noise, labels=labels, captions=captions, source=source)
     flow = per_sample.mean()
     return flow + out.aux.loss, flow, out
 
@@ -321,6 +362,8 @@ class Trainer:
         self._check_data()
         self.vae = load_vae(cfg.model, acc.device) if cfg.model.vae else None
         model = build_model(cfg.model).train()
+        if tc.init_from:
+            load_initial_weights(model, tc.init_from)
         self.counts = model.parameter_counts()
         if tc.compile:
             model.compile_regions()  # in place, so the state_dict keys stay those of the plain model
