@@ -12,7 +12,7 @@ from vidmoe.cli import main
 from vidmoe.config import load_config, save_config
 from vidmoe.data.synthetic import render_clip, vocabulary
 from vidmoe.diffusion import make_scheduler
-from vidmoe.evaluate import REFERENCES, heldout_items, heldout_loss, to_uint8_clips
+from vidmoe.evaluate import REFERENCES, heldout_items, heldout_loss, one_step_fragments, to_uint8_clips
 from vidmoe.generate import CONFIG_FILE, load_model_dir
 from vidmoe.model import build_model
 
@@ -49,6 +49,40 @@ def test_heldout_loss_is_deterministic(model_dir):
     assert heldout_loss(model, cfg, items, vae, seed=1, batch_size=5)["mean"] != first["mean"]
 
 
+class CleanEstimate(torch.nn.Module):
+    """A stand-in model whose one-step x0 estimate is a given clip (its nearest clean clip), optionally blurred."""
+
+    def __init__(self, clean, blur=0.0):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # for the device lookup
+        self.clean, self.blur = clean, blur
+
+    def forward(self, x, t, labels=None, captions=None):
+        from types import SimpleNamespace
+
+        from vidmoe.diffusion import gaussian_blur_frames
+
+        lvl = t.view(-1, 1, 1, 1, 1)
+        nearest = torch.cdist((x / (1 - lvl)).flatten(1), self.clean.flatten(1)).argmin(1)
+        x0 = self.clean[nearest]
+        if self.blur:
+            x0 = gaussian_blur_frames(x0, torch.full((len(x0),), self.blur))
+        return SimpleNamespace(sample=(x - x0) / lvl)
+
+
+def test_one_step_fragments_tell_sharp_from_soft_estimates(model_dir):
+    _, cfg, _ = load_model_dir(model_dir, device="cpu")
+    cfg.model.num_frames, cfg.model.sample_size = 8, 32  # the checker's fragment size needs real frames
+    items = heldout_items(cfg, "synthetic:bouncing_shapes", 6)
+    clean = torch.stack([item["video"] for item in items])
+    sharp = one_step_fragments(CleanEstimate(clean), cfg, items, batch_size=4)
+    assert sharp["timesteps"] == [0.05, 0.1, 0.3] and sharp["clips"] == 6
+    assert sharp["fragments_per_frame"] == pytest.approx([sharp["real"]] * 3)  # exact estimates: the clean clips
+    assert sharp["real"] < 0.1
+    soft = one_step_fragments(CleanEstimate(clean, blur=1.0), cfg, items, batch_size=4)
+    assert min(soft["fragments_per_frame"]) > 0.5
+
+
 def test_real_clips_are_the_rendered_frames(model_dir):
     _, cfg, _ = load_model_dir(model_dir, device="cpu")
     items = heldout_items(cfg, "synthetic:bouncing_shapes", 2)
@@ -74,6 +108,8 @@ def test_eval_command_writes_loss_and_physics(model_dir, tmp_path, capsys, monke
         assert {"objects_per_frame", "count_stability", "motion_residual", "bounce_correctness", "frozen",
                 "flicker", "plausible"} <= set(physics[name])
     assert physics["static"]["frozen"]["value"] == 1.0
+    assert len(metrics["one_step_fragments"]["fragments_per_frame"]) == 3 and "one-step x0" in \
+        (out / "report.md").read_text()
     checker = physics["checker"]
     assert checker["agreement_basis"] == "prompt object count"
     assert {"objects_per_frame_agreement", "motion_residual_ratio", "frozen_or_empty_rate"} <= set(checker)
