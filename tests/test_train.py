@@ -219,6 +219,7 @@ def test_soft_edge_source_blurs_only_low_noise_clips(tmp_path):
     cfg = tiny(tmp_path, "train.blur_prob=1.0", "train.blur_max_t=0.5", "train.blur_sigma=[0.8, 1.0]").train
     source = soft_edge_source(x0, t, cfg)
     assert torch.equal(source[2:], x0[2:])  # high noise: untouched
+    assert soft_edge_source(x0, torch.full((4,), 0.02), cfg) is None  # nor where the x0 head's t is clamped
     edge = source[:2, ..., 8, 3:5]  # across the left edge: soft now, and every value in between
     assert ((edge > 0.01) & (edge < 0.99)).all()
     assert torch.allclose(source[:2].sum((2, 3, 4)), x0[:2].sum((2, 3, 4)), rtol=1e-4)  # blur keeps the mass

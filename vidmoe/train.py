@@ -44,7 +44,7 @@ from .diffusion import flow_loss, gaussian_blur_frames, load_vae, make_scheduler
     to_uint8_frames, vae_decode, vae_encode
 from .errors import DataError, UsageError, check_writable_dir
 from .generate import EXAMPLE_CONDITIONS_FILE, example_conditions
-from .model import build_model
+from .model import MIN_VELOCITY_T, build_model
 from .precision import resolve_mixed_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -241,10 +241,16 @@ def training_timesteps(n: int, train_cfg, device) -> torch.Tensor:
 
 
 def soft_edge_source(x0: torch.Tensor, t: torch.Tensor, train_cfg) -> Optional[torch.Tensor]:
-    """The clips to noise under train.blur_prob (config): x0 with some low-noise clips blurred, or None."""
+    """The clips to noise under train.blur_prob (config): x0 with some low-noise clips blurred, or None.
+
+    Not below MIN_VELOCITY_T: there an x0 head's velocity is taken at t = MIN_VELOCITY_T, and the
+    target of a blurred source, amplified by (1 - t) / t, would ask it for an overshooting x0
+    (x0 - (MIN_VELOCITY_T / t - 1) (x_t - x0)) instead of the sharp clip.
+    """
     if train_cfg.blur_prob <= 0:
         return None
-    chosen = (t < train_cfg.blur_max_t) & (torch.rand(t.shape, device=t.device) < train_cfg.blur_prob)
+    chosen = ((t >= MIN_VELOCITY_T) & (t < train_cfg.blur_max_t)
+              & (torch.rand(t.shape, device=t.device) < train_cfg.blur_prob))
     if not bool(chosen.any()):
         return None
     low, high = train_cfg.blur_sigma
