@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the README's Results: the MoE-vs-dense study on bouncing shapes, the shipped model,
-# and the small real-video model. About 9.5 hours on a 2-core CPU. Run from the repository root
+# and the small real-video model. About 10 hours on a 2-core CPU. Run from the repository root
 # after `scripts/test.sh` or `scripts/demo.sh` has made .venv. Outputs go to $RUNS and $RESULTS
 # (default runs/ and results/, not committed), except the shipped model, which is written to
 # samples/bouncing-moe; the curated results were copied to samples/results/ by hand.
@@ -18,7 +18,8 @@
 #   shared      a pilot: MoE with a shared expert against dense_flops, 30 minutes side by side
 #   edm         a pilot: the MoE with the edm head against the x0 head, 60 minutes side by side
 #   lownoise    a pilot: fine-tune the shipped model with more training at low noise and soft-edged
-#               inputs, against the same fine-tune without them (15-20 minutes side by side)
+#               inputs, against the same fine-tune without them (15-20 minutes side by side); then
+#               the configs' recipe with and without both from scratch, 30 minutes side by side
 #   solo        the shipped model: bouncing_small alone on both cores, 88 minutes
 #   sweep       a guidance sweep of the solo model on other seeds than the reported evaluations
 #   ship        its fp16 copy in samples/bouncing-moe, with the guidance the sweep picked
@@ -182,6 +183,14 @@ if [[ $step == lownoise || $step == all ]]; then
     lane ft_ctrl 0 1 2 3 & lane ft_blur 0 1 & wait
     lane ft_low 0 1 & lane ft_both 0 1 2 3 & wait
     lane ft_both_seed1 0 1 2 3
+    # Then from scratch: the configs' recipe with and without both options, 30 minutes side by side.
+    PILOT="train.time_budget_minutes=30 train.checkpoint_every=100000 train.sample_every=0"
+    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/scratch_ctrl" $PILOT \
+        > "$RUNS/scratch_ctrl.log" 2>&1 &
+    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/scratch_both" $PILOT $BOTH \
+        > "$RUNS/scratch_both.log" 2>&1 &
+    wait
+    lane scratch_ctrl 0 1 & lane scratch_both 0 1 & wait
     grep -h -A4 "Independent" "$RESULTS"/lownoise/*/report.md
 fi
 
