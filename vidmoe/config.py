@@ -151,9 +151,9 @@ class TrainConfig:
     # alone trains below t = 0.1 under 1% of the time, and there the edges of the clip are drawn.
     low_timestep_fraction: float = 0.0
     low_timestep_max: float = 0.3
-    # Soft-edge training: with probability blur_prob, a clip drawn at t < blur_max_t is noised from a
-    # copy blurred by a Gaussian of sigma in blur_sigma pixels (each frame), and the target is still
-    # the sharp clip, so at low noise the model learns to turn soft rims back into hard edges.
+    # Soft-edge training: with probability blur_prob, a clip drawn at 0.05 <= t < blur_max_t is noised
+    # from a copy blurred by a Gaussian of sigma in blur_sigma pixels (each frame), and the target is
+    # still the sharp clip, so at low noise the model learns to turn soft rims back into hard edges.
     blur_prob: float = 0.0
     blur_max_t: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.3, 1.0])
