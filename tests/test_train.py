@@ -1,5 +1,6 @@
 """Training: the loss goes down, checkpoints are atomic and complete, resume continues exactly."""
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -225,6 +226,29 @@ def test_soft_edge_source_blurs_only_low_noise_clips(tmp_path):
     assert torch.allclose(source[:2].sum((2, 3, 4)), x0[:2].sum((2, 3, 4)), rtol=1e-4)  # blur keeps the mass
     with pytest.raises(Exception, match="train.blur_prob"):
         tiny(tmp_path, "train.blur_prob=1.5")
+
+
+def test_low_noise_from_turns_the_options_on_late_in_the_run(tmp_path, monkeypatch, capsys):
+    train_module = importlib.import_module("vidmoe.train")  # the module (vidmoe.train is also a function)
+    flags, real_loss = [], train_module.training_loss
+
+    def recording_loss(*args, **kwargs):
+        flags.append(args[-1])  # the Trainer passes low_noise last
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_loss", recording_loss)
+    train(tiny(tmp_path / "run", "train.max_steps=10", "train.low_noise_from=0.5", "train.low_timestep_fraction=0.5",
+               "train.blur_prob=0.5", "train.checkpoint_every=0"))
+    assert flags == [False] * 5 + [True] * 5
+    assert "step 5: the low-noise options start" in capsys.readouterr().err
+    # Off, the timesteps are exactly the logit-normal ones.
+    cfg = tiny(tmp_path, "train.low_timestep_fraction=1.0").train
+    torch.manual_seed(0)
+    plain = training_timesteps(64, tiny(tmp_path).train, "cpu")
+    torch.manual_seed(0)
+    assert torch.equal(training_timesteps(64, cfg, "cpu", low_noise=False), plain)
+    with pytest.raises(Exception, match="train.low_noise_from"):
+        tiny(tmp_path, "train.low_noise_from=1.0")
 
 
 def test_warmup_stable_decay_factor():

@@ -157,6 +157,10 @@ class TrainConfig:
     blur_prob: float = 0.0
     blur_max_t: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.3, 1.0])
+    # The share of the run (0..1 of max_steps or of the time budget, as for decay_fraction) after which
+    # the two options above apply: 0.8 keeps the full logit-normal for the first 80%, where the layout
+    # is learnt, and trains the low-noise end during the learning-rate decay.
+    low_noise_from: float = 0.0
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: never
@@ -425,6 +429,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.low_timestep_fraction <= 1.0, "train.low_timestep_fraction must be in [0, 1]")
     _check(0.0 < t.low_timestep_max <= 1.0, "train.low_timestep_max must be in (0, 1]")
     _check(0.0 <= t.blur_prob <= 1.0, "train.blur_prob must be in [0, 1]")
+    _check(0.0 <= t.low_noise_from < 1.0, "train.low_noise_from must be in [0, 1)")
     _check(0.0 < t.blur_max_t <= 1.0, "train.blur_max_t must be in (0, 1]")
     _check(len(t.blur_sigma) == 2 and 0 < t.blur_sigma[0] <= t.blur_sigma[1],
            "train.blur_sigma must be [min, max] pixels")

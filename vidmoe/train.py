@@ -230,11 +230,11 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
                           f"(use that model's model section): {detail}") from None
 
 
-def training_timesteps(n: int, train_cfg, device) -> torch.Tensor:
-    """Timesteps [n]: logit-normal (train.timestep_mean/std), a train.low_timestep_fraction of them uniform
-    in (0, train.low_timestep_max) instead."""
+def training_timesteps(n: int, train_cfg, device, low_noise: bool = True) -> torch.Tensor:
+    """Timesteps [n]: logit-normal (train.timestep_mean/std), and with ``low_noise`` a
+    train.low_timestep_fraction of them uniform in (0, train.low_timestep_max) instead."""
     t = sample_timesteps(n, train_cfg.timestep_mean, train_cfg.timestep_std, device=device)
-    if train_cfg.low_timestep_fraction > 0:
+    if low_noise and train_cfg.low_timestep_fraction > 0:
         low = torch.rand(n, device=device) < train_cfg.low_timestep_fraction
         t = torch.where(low, torch.rand(n, device=device).clamp(min=1e-4) * train_cfg.low_timestep_max, t)
     return t
@@ -260,11 +260,12 @@ def soft_edge_source(x0: torch.Tensor, t: torch.Tensor, train_cfg) -> Optional[t
     return source
 
 
-def training_loss(model, x0: torch.Tensor, labels, captions, train_cfg):
-    """Rectified-flow loss on one batch plus the MoE auxiliary losses: (total, flow loss, model output)."""
-    t = training_timesteps(x0.shape[0], train_cfg, x0.device)
+def training_loss(model, x0: torch.Tensor, labels, captions, train_cfg, low_noise: bool = True):
+    """Rectified-flow loss on one batch plus the MoE auxiliary losses: (total, flow loss, model output).
+    ``low_noise`` False leaves out train.low_timestep_fraction and train.blur_prob (see train.low_noise_from)."""
+    t = training_timesteps(x0.shape[0], train_cfg, x0.device, low_noise)
     noise = torch.randn_like(x0)
-    source = soft_edge_source(x0, t, train_cfg)
+    source = soft_edge_source(x0, t, train_cfg) if low_noise else None
     per_sample, out = flow_loss(model, x0, t, noise, labels=labels, captions=captions, source=source)
     flow = per_sample.mean()
     return flow + out.aux.loss, flow, out
@@ -362,6 +363,7 @@ class Trainer:
         )
         self.is_main = acc.is_main_process
         self.budget_spent = 0.0  # share of train.time_budget_minutes used (a resumed run gets it again)
+        self.low_noise_on = False  # whether train.low_noise_from has been reached (told once)
         set_seed(tc.seed)  # the same initial weights on every process
 
         self.dataset = build_dataset(cfg, "train")
@@ -421,8 +423,11 @@ class Trainer:
         """LR factor of warmup_stable_decay after ``step`` scheduler steps, from the step and the run's time
         (the schedule's saved state holds neither: a resumed run recomputes it)."""
         tc = self.cfg.train
-        progress = max(step / tc.max_steps, self.budget_spent)
-        return wsd_factor(step, progress, tc.warmup_steps, tc.decay_fraction)
+        return wsd_factor(step, self.progress(step), tc.warmup_steps, tc.decay_fraction)
+
+    def progress(self, step: int) -> float:
+        """The run's progress (0..1) at ``step``: of max_steps, or of the time budget when that ends first."""
+        return max(step / self.cfg.train.max_steps, self.budget_spent)
 
     def _sample_conditions(self) -> tuple[list[str], torch.Tensor]:
         """Captions and labels of the first clips, reused by every periodic sample so they compare."""
@@ -570,12 +575,18 @@ class Trainer:
         acc, tc = self.accelerator, self.cfg.train
         step_sums: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=acc.device)
+        low_noise = self.progress(self.state.step) >= tc.low_noise_from
+        if low_noise and not self.low_noise_on and (tc.low_timestep_fraction > 0 or tc.blur_prob > 0):
+            if tc.low_noise_from > 0:
+                self.print(f"step {self.state.step}: the low-noise options start (train.low_noise_from="
+                           f"{tc.low_noise_from:g})")
+            self.low_noise_on = True
         for micro in range(tc.grad_accum):
             x0, labels, captions = model_inputs(next(batches), self.cfg.model, acc.device, self.vae)
             # Gradients are averaged across processes only on the last micro-batch.
             sync = micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                loss, flow, out = training_loss(self.model, x0, labels, captions, tc)
+                loss, flow, out = training_loss(self.model, x0, labels, captions, tc, low_noise)
                 acc.backward(loss / tc.grad_accum)
             total += loss.detach().float()
             losses = {"loss": flow, **{f"aux/{name}": value for name, value in out.aux.losses.items()}}
