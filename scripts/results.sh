@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the README's Results: the MoE-vs-dense study on bouncing shapes, the shipped model,
-# and the small real-video model. About 10 hours on a 2-core CPU. Run from the repository root
+# and the small real-video model. About 12 hours on a 2-core CPU. Run from the repository root
 # after `scripts/test.sh` or `scripts/demo.sh` has made .venv. Outputs go to $RUNS and $RESULTS
 # (default runs/ and results/, not committed), except the shipped model, which is written to
 # samples/bouncing-moe; the curated results were copied to samples/results/ by hand.
@@ -21,6 +21,7 @@
 #               inputs, against the same fine-tune without them (15-20 minutes side by side); then
 #               the configs' recipe with and without both from scratch, 30 minutes side by side
 #   solo        the shipped model: bouncing_small alone on both cores, 88 minutes
+#   lowsolo     solo with the low-noise options in its last 20%, and its evaluations beside the shipped model's
 #   sweep       a guidance sweep of the solo model on other seeds than the reported evaluations
 #   ship        its fp16 copy in samples/bouncing-moe, with the guidance the sweep picked
 #               (SHIP_GUIDANCE, default 2), and the copy's evaluations, gifs and inspection
@@ -199,6 +200,22 @@ if [[ $step == solo || $step == all ]]; then
     OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/moe_solo" \
         train.time_budget_minutes=88 train.snapshot_every=1000 train.checkpoint_every=1000 train.sample_every=0 \
         > "$RUNS/moe_solo.log" 2>&1
+fi
+
+if [[ $step == lowsolo || $step == all ]]; then
+    # The solo run with the low-noise options during its learning-rate decay (the last 20%), then it
+    # and the shipped model on eval seeds 0-3, two lanes of one core.
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/moe_lownoise" \
+        train.time_budget_minutes=88 train.snapshot_every=1000 train.checkpoint_every=1000 train.sample_every=0 \
+        train.low_noise_from=0.8 train.low_timestep_fraction=0.2 train.blur_prob=0.5 > "$RUNS/moe_lownoise.log" 2>&1
+    ev() { vidmoe eval --model "$1" --out "$RESULTS/lownoise/$2-seed$3" --no-fvd --seed "$3"; }
+    for lane in "0 1" "2 3"; do
+        for seed in $lane; do
+            ev "$RUNS/moe_lownoise/model" solo_lownoise "$seed"
+            ev samples/bouncing-moe shipped "$seed"
+        done > "$RESULTS/lowsolo-lane${lane// /}.log" 2>&1 &
+    done
+    wait
 fi
 
 if [[ $step == sweep || $step == all ]]; then
