@@ -181,6 +181,8 @@ class SampleConfig:
     # Timestep shift s of the sampling schedule: t -> s t / (1 + (s - 1) t) spends more of the
     # steps near t = 1, where a clip's layout is decided. Saved with the exported model.
     shift: float = 1.0
+    # Guidance only at t >= guidance_min_t (0: at every step); below it the conditional velocity alone.
+    guidance_min_t: float = 0.0
     num_videos: int = 8
     fps: int = 8
     format: str = "mp4"  # mp4 | gif | webm | png
@@ -436,6 +438,7 @@ def validate(cfg: Config) -> None:
     _check(t.blur_prob == 0 or not cfg.model.vae, "train.blur_prob needs a pixel-space model (model.vae is set)")
     _check(0.0 < t.decay_fraction <= 1.0, "train.decay_fraction must be in (0, 1]")
     _check(cfg.sample.shift > 0, "sample.shift must be > 0")
+    _check(0.0 <= cfg.sample.guidance_min_t < 1.0, "sample.guidance_min_t must be in [0, 1)")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     _check(len(t.betas) == 2, "train.betas must be [beta1, beta2]")
     s = cfg.sample

@@ -152,10 +152,13 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
            captions: Optional[Sequence[str]] = None, steps: int = 30, guidance: float = 3.0,
            scheduler_name: Optional[str] = None, generator: Optional[torch.Generator] = None, *,
            noise: Optional[torch.Tensor] = None, scheduler_config: Optional[dict] = None, shift: Optional[float] = None,
-           device: Optional[torch.device | str] = None) -> torch.Tensor:
+           guidance_min_t: float = 0.0, device: Optional[torch.device | str] = None) -> torch.Tensor:
     """Integrate the flow from noise (t = 1) to data (t = 0); returns x0 float [B, C, T, H, W].
 
     ``shift`` replaces the schedule's timestep shift (that of ``scheduler_config``, else 1).
+    ``guidance`` applies at t >= ``guidance_min_t`` only; below it the conditional velocity is used alone
+    (a guidance interval: guidance settles the layout at high noise, and left on at low noise it
+    breaks hard edges into fragments).
     ``generator`` also draws a stochastic scheduler's noise; a list of generators, one per clip,
     makes each clip's draws independent of the others in the batch.
     ``noise`` overrides the draw from ``generator`` (drawn on the generator's device, then moved,
@@ -182,7 +185,7 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
         noise_levels = scheduler.timesteps / float(scheduler.config.num_train_timesteps)
     for timestep, level in zip(scheduler.timesteps, noise_levels):
         t = level.to(device=device, dtype=torch.float32).expand(x.shape[0])
-        v = guided_velocity(model, x, t, labels, captions, guidance)
+        v = guided_velocity(model, x, t, labels, captions, guidance if float(level) >= guidance_min_t else 1.0)
         x = scheduler.step(v, timestep, x, return_dict=False, **step_kwargs)[0]
     return x
 

@@ -252,7 +252,7 @@ def fvd_report(network, generated: np.ndarray, real: np.ndarray, batch_size: int
 def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 16, steps: Optional[int] = None,
              guidance: Optional[float] = None, seed: int = 0, clips: int = 32, device=None, resamples: int = 200,
              batch_size: int = 16, shift: Optional[float] = None, scheduler: Optional[str] = None,
-             unconditional: bool = False, fvd_weights=None, compute_fvd: bool = True) -> dict:
+             guidance_min_t: Optional[float] = None, unconditional: bool = False, fvd_weights=None, compute_fvd: bool = True) -> dict:
     """Evaluate an exported model folder on ``data``'s held-out clips; writes ``out`` (module doc), returns metrics.
 
     ``steps`` and ``guidance`` default to the model's sample settings. ``fvd_weights`` None finds the I3D
@@ -272,6 +272,7 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
         i3d.to(next(model.parameters()).device)
     steps = cfg.sample.steps if steps is None else steps
     guidance = cfg.sample.guidance if guidance is None else guidance
+    guidance_min_t = cfg.sample.guidance_min_t if guidance_min_t is None else guidance_min_t
     items = heldout_items(cfg, data, clips)
 
     loss = heldout_loss(model, cfg, items, vae=vae, seed=seed, batch_size=batch_size)
@@ -280,12 +281,13 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
     captions, labels, expected = (None, None, None) if unconditional else _conditions(cfg, items, num_videos)
     videos = generate(model_path, prompt=captions, label=labels, num_videos=num_videos, steps=steps,
                       guidance=guidance, seed=seed, shift=shift, scheduler=scheduler or cfg.sample.scheduler,
-                      device=device)
+                      guidance_min_t=guidance_min_t, device=device)
     real = to_uint8_clips(items)
     summary, per_clip = physics_report(videos.numpy(), real, expected, resamples, seed)
     fvd_result = None if i3d is None else fvd_report(i3d, videos.numpy(), real)
     fvd_note = fvd_missing or (FVD_NOTE if fvd_result else FVD_TOO_FEW)
-    summary["generation"] = {"num_videos": num_videos, "steps": steps, "guidance": guidance, "seed": seed,
+    summary["generation"] = {"num_videos": num_videos, "steps": steps, "guidance": guidance,
+                             "guidance_min_t": guidance_min_t, "seed": seed,
                              "shift": cfg.sample.shift if shift is None else shift,
                              "scheduler": scheduler or cfg.sample.scheduler,
                              "conditions": "none (unconditional)" if unconditional
@@ -348,8 +350,8 @@ def format_report(metrics: dict) -> str:
     gen = phys["generation"]
     lines = [f"# vidmoe eval: {metrics['model']}", "",
              f"Data: `{metrics['data']}` (eval split). Generated clips: {gen['num_videos']} "
-             f"({gen['steps']} steps of {gen.get('scheduler')}, shift {gen.get('shift')}, guidance {gen['guidance']}, "
-             f"seed {gen['seed']}); conditions: {gen['conditions']}.", "",
+             f"({gen['steps']} steps of {gen.get('scheduler')}, shift {gen.get('shift')}, guidance {gen['guidance']}"
+             f"{' at t >= %g' % gen['guidance_min_t'] if gen.get('guidance_min_t') else ''}, seed {gen['seed']}); conditions: {gen['conditions']}.", "",
              "## Held-out loss", "",
              f"Flow-matching loss on {loss['clips']} held-out clips x {len(loss['timesteps'])} fixed timesteps "
              f"with fixed noise (seed {loss['seed']}): **{loss['mean']:.4f}** "
@@ -406,6 +408,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unconditional", action="store_true",
                         help="generate without captions or labels (objects per frame then compares count histograms)")
     parser.add_argument("--shift", type=float, help="sampling timestep shift (default: the model's sample.shift)")
+    parser.add_argument("--guidance-min-t", type=float,
+                        help="guidance only at t >= this, none below (default: the model's sample.guidance_min_t)")
     parser.add_argument("--scheduler", help="euler, euler-stochastic, heun, ... (default: the model's sample.scheduler)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the loss noise, generation and bootstrap")
     parser.add_argument("--clips", type=int, default=32,
@@ -423,7 +427,7 @@ def main(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, data=args.data, out=args.out, num_videos=args.num_videos, steps=args.steps,
                        guidance=args.guidance, seed=args.seed, clips=args.clips, device=args.device,
                        resamples=args.bootstrap, batch_size=args.batch_size, shift=args.shift,
-                       scheduler=args.scheduler, unconditional=args.unconditional, fvd_weights=args.fvd_weights,
+                       scheduler=args.scheduler, guidance_min_t=args.guidance_min_t, unconditional=args.unconditional, fvd_weights=args.fvd_weights,
                        compute_fvd=not args.no_fvd)
     phys = metrics["physics"]
     print(f"held-out loss {metrics['heldout_loss']['mean']:.4f}; plausible clips: "

@@ -134,7 +134,7 @@ def _conditions(cfg: Config, prompt, label, n: int):
 @torch.no_grad()
 def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label: Optional[int | list[int]] = None,
              num_videos: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0, *,
-             scheduler: Optional[str] = None, shift: Optional[float] = None,
+             scheduler: Optional[str] = None, shift: Optional[float] = None, guidance_min_t: Optional[float] = None,
              batch_size: Optional[int] = None, device: Optional[torch.device | str] = None,
              out: Optional[str | Path] = None, format: Optional[str] = None, fps: Optional[int] = None,
              vae=None) -> torch.Tensor:
@@ -143,7 +143,8 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
     ``prompt`` and ``label`` are one value for all clips or a list with one per clip; None is the
     null condition. ``model_dir_or_model`` is an exported folder or a VidMoETransformer (then ``vae`` for a latent
     model). The noise of all clips is drawn at once from ``seed``, so the clips do not depend on
-    ``batch_size`` or the device.
+    ``batch_size`` or the device. ``guidance_min_t`` None takes the model's sample.guidance_min_t (see
+    ``diffusion.sample``).
     """
     if out is not None:
         check_writable_dir(out, "--out")
@@ -159,6 +160,7 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
     if num_videos < 1 or steps < 1:
         raise UsageError("--num-videos and --steps must be at least 1")
     device = next(model.parameters()).device
+    guidance_min_t = cfg.sample.guidance_min_t if guidance_min_t is None else guidance_min_t
     was_training = model.training
     model.eval()
     m = cfg.model
@@ -175,7 +177,7 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
             x = sample(model, noise[chunk].shape, labels=None if labels is None else labels[chunk],
                        captions=None if captions is None else captions[chunk], steps=steps, guidance=guidance,
                        scheduler_name=scheduler or cfg.sample.scheduler, noise=noise[chunk],
-                       scheduler_config=scheduler_config, shift=shift, device=device,
+                       scheduler_config=scheduler_config, shift=shift, guidance_min_t=guidance_min_t, device=device,
                        generator=streams[chunk])
             if vae is not None:
                 x = vae_decode(vae, x)
@@ -219,6 +221,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, help="frames per second of the files (default: sample.fps)")
     parser.add_argument("--scheduler", help="euler, heun, dpm++, unipc or a diffusers flow scheduler class name")
     parser.add_argument("--shift", type=float, help="timestep shift of the schedule (default: the model's sample.shift)")
+    parser.add_argument("--guidance-min-t", type=float,
+                        help="guidance only at t >= this, none below (default: the model's sample.guidance_min_t)")
     parser.add_argument("--batch-size", type=int, help="clips per forward pass (default: up to 8)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
@@ -260,6 +264,7 @@ def main(args: argparse.Namespace) -> int:
     videos = generate(model_dir, prompt=prompt, label=label, num_videos=num_videos,
                       steps=pick(args.steps, s.steps), guidance=pick(args.guidance, s.guidance),
                       seed=seed, scheduler=pick(args.scheduler, s.scheduler), shift=args.shift,
+                      guidance_min_t=args.guidance_min_t,
                       batch_size=args.batch_size, device=args.device)
     paths = save_videos(videos, args.out, pick(args.format, s.format), pick(args.fps, s.fps))
     print(f"wrote {len(paths)} file(s) to {args.out}: {', '.join(p.name for p in paths[:4])}"

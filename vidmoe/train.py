@@ -535,7 +535,7 @@ class Trainer:
                 x = sample(self.model, shape, labels=labels if cfg.model.num_classes else None,
                            captions=captions if cfg.model.text or cfg.model.text_encoder else None,
                            steps=cfg.sample.steps, guidance=cfg.sample.guidance, scheduler_name=cfg.sample.scheduler,
-                           shift=cfg.sample.shift,
+                           shift=cfg.sample.shift, guidance_min_t=cfg.sample.guidance_min_t,
                            generator=torch.Generator().manual_seed(cfg.sample.seed), device=self.accelerator.device)
         finally:
             self.model.train()
