@@ -116,6 +116,17 @@ def test_guidance_changes_the_clips():
     assert (plain.int() - guided.int()).abs().float().mean() > 1.0
 
 
+def test_guidance_interval_guides_the_noisy_steps_only():
+    model = random_model()
+    kwargs = dict(prompt="a blue circle", label=1, num_videos=2, steps=4, seed=0)
+    plain = generate(model, guidance=1.0, **kwargs)
+    late = generate(model, guidance=4.0, guidance_min_t=0.99, **kwargs)  # only the first step (t = 1)
+    full = generate(model, guidance=4.0, **kwargs)
+    assert not torch.equal(late, plain) and not torch.equal(late, full)
+    with pytest.raises(UsageError, match="guidance-min-t"):
+        generate(model, guidance=4.0, guidance_min_t=1.5, **kwargs)
+
+
 def test_conditions_are_checked():
     model = random_model(**{"model.text": "false"})
     with pytest.raises(UsageError, match="no text conditioning"):

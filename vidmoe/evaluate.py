@@ -273,6 +273,8 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
     steps = cfg.sample.steps if steps is None else steps
     guidance = cfg.sample.guidance if guidance is None else guidance
     guidance_min_t = cfg.sample.guidance_min_t if guidance_min_t is None else guidance_min_t
+    if not 0.0 <= guidance_min_t < 1.0:  # before the slow part
+        raise UsageError(f"--guidance-min-t must be in [0, 1), got {guidance_min_t:g}")
     items = heldout_items(cfg, data, clips)
 
     loss = heldout_loss(model, cfg, items, vae=vae, seed=seed, batch_size=batch_size)

@@ -161,6 +161,8 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
         raise UsageError("--num-videos and --steps must be at least 1")
     device = next(model.parameters()).device
     guidance_min_t = cfg.sample.guidance_min_t if guidance_min_t is None else guidance_min_t
+    if not 0.0 <= guidance_min_t < 1.0:
+        raise UsageError(f"--guidance-min-t must be in [0, 1), got {guidance_min_t:g}")
     was_training = model.training
     model.eval()
     m = cfg.model
