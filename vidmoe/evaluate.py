@@ -259,7 +259,7 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
     weights if installed (``load_fvd_network``). ModelFolderError when ``model_dir`` is not a vidmoe
     model; UsageError for FVD weights asked for and not usable.
     """
-    from .generate import generate, load_model_dir, resolve_model_dir
+    from .generate import generate, load_model_dir, resolve_guidance_min_t, resolve_model_dir
     from .video_io import tile_videos, write_video
 
     if num_videos < 1:
@@ -272,9 +272,7 @@ def evaluate(model_dir, data: str = DEFAULT_DATA, out="eval", num_videos: int = 
         i3d.to(next(model.parameters()).device)
     steps = cfg.sample.steps if steps is None else steps
     guidance = cfg.sample.guidance if guidance is None else guidance
-    guidance_min_t = cfg.sample.guidance_min_t if guidance_min_t is None else guidance_min_t
-    if not 0.0 <= guidance_min_t < 1.0:  # before the slow part
-        raise UsageError(f"--guidance-min-t must be in [0, 1), got {guidance_min_t:g}")
+    guidance_min_t = resolve_guidance_min_t(cfg, guidance_min_t)  # checked before the slow part
     items = heldout_items(cfg, data, clips)
 
     loss = heldout_loss(model, cfg, items, vae=vae, seed=seed, batch_size=batch_size)

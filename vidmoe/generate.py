@@ -131,6 +131,14 @@ def _conditions(cfg: Config, prompt, label, n: int):
     return prompts, None if labels is None else torch.tensor([int(v) for v in labels], dtype=torch.long)
 
 
+def resolve_guidance_min_t(cfg: Config, value: Optional[float]) -> float:
+    """``value``, or the model's sample.guidance_min_t when None; UsageError outside [0, 1)."""
+    value = cfg.sample.guidance_min_t if value is None else value
+    if not 0.0 <= value < 1.0:
+        raise UsageError(f"--guidance-min-t must be in [0, 1), got {value:g}")
+    return value
+
+
 @torch.no_grad()
 def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label: Optional[int | list[int]] = None,
              num_videos: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0, *,
@@ -160,9 +168,7 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
     if num_videos < 1 or steps < 1:
         raise UsageError("--num-videos and --steps must be at least 1")
     device = next(model.parameters()).device
-    guidance_min_t = cfg.sample.guidance_min_t if guidance_min_t is None else guidance_min_t
-    if not 0.0 <= guidance_min_t < 1.0:
-        raise UsageError(f"--guidance-min-t must be in [0, 1), got {guidance_min_t:g}")
+    guidance_min_t = resolve_guidance_min_t(cfg, guidance_min_t)
     was_training = model.training
     model.eval()
     m = cfg.model
