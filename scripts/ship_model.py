@@ -2,8 +2,9 @@
 
     python scripts/ship_model.py runs/moe/model samples/bouncing-moe [--scheduler euler-stochastic --shift 3]
 
-``--scheduler``, ``--shift`` and ``--guidance`` set the copy's sampling defaults (its ``sample``
-section and saved scheduler), so `vidmoe generate` uses them without flags.
+``--scheduler``, ``--shift``, ``--guidance`` and ``--guidance-min-t`` set the copy's sampling defaults
+(its ``sample`` section and saved scheduler), so `vidmoe generate` and `vidmoe.generate()` use them
+without flags.
 
 `vidmoe generate` and every other loader read the weights back into fp32, so the only change is
 the rounding of each weight to fp16 (relative error below 5e-4; this script reports the largest
@@ -23,7 +24,9 @@ import torch
 
 from vidmoe.config import save_config
 from vidmoe.diffusion import make_scheduler
-from vidmoe.generate import CONFIG_FILE, EXAMPLE_CONDITIONS_FILE, example_conditions, load_model_dir, resolve_model_dir
+from vidmoe.errors import UsageError
+from vidmoe.generate import (CONFIG_FILE, EXAMPLE_CONDITIONS_FILE, example_conditions, load_model_dir,
+                             resolve_guidance_min_t, resolve_model_dir)
 
 # Copied as they are; the config and scheduler are rewritten below.
 KEEP = ("train_info.json", "vae", EXAMPLE_CONDITIONS_FILE)
@@ -36,9 +39,16 @@ def main() -> None:
     parser.add_argument("--scheduler", help="sampling scheduler of the copy (default: the model's)")
     parser.add_argument("--shift", type=float, help="sampling timestep shift of the copy (default: the model's)")
     parser.add_argument("--guidance", type=float, help="guidance scale of the copy (default: the model's)")
+    parser.add_argument("--guidance-min-t", type=float,
+                        help="the copy guides only at t >= this (default: the model's sample.guidance_min_t)")
     args = parser.parse_args()
     src = resolve_model_dir(args.src)
     model, cfg, _ = load_model_dir(src, "cpu")
+    s = cfg.sample
+    try:  # checked before anything is written
+        s.guidance_min_t = resolve_guidance_min_t(cfg, args.guidance_min_t)
+    except UsageError as err:
+        parser.error(str(err))  # one line, exit status 2
     if args.dst.exists():
         shutil.rmtree(args.dst)
     model.half().save_pretrained(args.dst)
@@ -48,7 +58,6 @@ def main() -> None:
             shutil.copytree(path, args.dst / name)
         elif path.is_file():
             shutil.copy2(path, args.dst / name)
-    s = cfg.sample
     s.scheduler, s.shift, s.guidance = (args.scheduler or s.scheduler, s.shift if args.shift is None else args.shift,
                                         s.guidance if args.guidance is None else args.guidance)
     save_config(cfg, args.dst / CONFIG_FILE)

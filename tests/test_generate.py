@@ -67,16 +67,38 @@ def test_fp16_copy_loads_in_fp32_and_generates_the_same_clips(run_dir, tmp_path)
     import sys
 
     half = tmp_path / "half"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(run_dir / "model"), str(half)],
-                   check=True, capture_output=True)
+    ship = [sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(run_dir / "model"), str(half)]
+    bad = subprocess.run(ship + ["--guidance-min-t", "1.5"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--guidance-min-t must be in [0, 1)" in bad.stderr and not half.exists()
+    subprocess.run(ship + ["--guidance", "2.5", "--guidance-min-t", "0.4"], check=True, capture_output=True)
+    saved = load_config(half / "vidmoe_config.yaml").sample
+    assert (saved.guidance, saved.guidance_min_t) == (2.5, 0.4)
     stored = load_file(half / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
     assert (half / EXAMPLE_CONDITIONS_FILE).read_text() == (run_dir / "model" / EXAMPLE_CONDITIONS_FILE).read_text()
     model, _, _ = load_model_dir(half, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    full = generate(run_dir / "model", num_videos=2, steps=3, seed=5, device="cpu").int()
-    copy = generate(half, num_videos=2, steps=3, seed=5, device="cpu").int()
+    full = generate(run_dir / "model", num_videos=2, steps=3, seed=5, device="cpu", guidance=2.5,
+                    guidance_min_t=0.4).int()
+    copy = generate(half, num_videos=2, steps=3, seed=5, device="cpu").int()  # the copy's own defaults
     assert (full - copy).abs().max() <= 2  # uint8 levels: fp16 rounding of the weights only
+
+
+def test_python_generate_takes_the_models_sample_defaults(run_dir, cfg, tmp_path):
+    import shutil
+
+    from vidmoe.config import save_config
+
+    low = tmp_path / "low"
+    shutil.copytree(run_dir / "model", low)
+    saved = load_config(low / "vidmoe_config.yaml")
+    saved.sample.steps, saved.sample.guidance = 2, 1.0
+    save_config(saved, low / "vidmoe_config.yaml")
+    kw = dict(prompt="a red circle", label=0, num_videos=2, seed=5, device="cpu")
+    assert torch.equal(generate(low, **kw), generate(low, steps=2, guidance=1.0, **kw))
+    model = run_dir / "model"
+    assert torch.equal(generate(model, **kw), generate(model, steps=cfg.sample.steps, guidance=cfg.sample.guidance, **kw))
+    assert not torch.equal(generate(low, **kw), generate(low, steps=2, guidance=3.0, **kw))
 
 
 def test_shift_overrides_the_saved_schedule(run_dir):

@@ -141,7 +141,7 @@ def resolve_guidance_min_t(cfg: Config, value: Optional[float]) -> float:
 
 @torch.no_grad()
 def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label: Optional[int | list[int]] = None,
-             num_videos: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0, *,
+             num_videos: int = 4, steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0, *,
              scheduler: Optional[str] = None, shift: Optional[float] = None, guidance_min_t: Optional[float] = None,
              batch_size: Optional[int] = None, device: Optional[torch.device | str] = None,
              out: Optional[str | Path] = None, format: Optional[str] = None, fps: Optional[int] = None,
@@ -151,8 +151,9 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
     ``prompt`` and ``label`` are one value for all clips or a list with one per clip; None is the
     null condition. ``model_dir_or_model`` is an exported folder or a VidMoETransformer (then ``vae`` for a latent
     model). The noise of all clips is drawn at once from ``seed``, so the clips do not depend on
-    ``batch_size`` or the device. ``guidance_min_t`` None takes the model's sample.guidance_min_t (see
-    ``diffusion.sample``).
+    ``batch_size`` or the device. ``steps``, ``guidance``, ``scheduler`` and ``guidance_min_t`` left None
+    take the model's saved sample section (``guidance_min_t``: see ``diffusion.sample``), as on the
+    command line; a bare VidMoETransformer has none, so it gets that section's defaults.
     """
     if out is not None:
         check_writable_dir(out, "--out")
@@ -165,6 +166,8 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
         cfg = Config(model=model.model_config)
         if device is not None:
             model.to(device)
+    steps = cfg.sample.steps if steps is None else steps
+    guidance = cfg.sample.guidance if guidance is None else guidance
     if num_videos < 1 or steps < 1:
         raise UsageError("--num-videos and --steps must be at least 1")
     device = next(model.parameters()).device
