@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the README's Results: the MoE-vs-dense study on bouncing shapes, the shipped model,
-# and the small real-video model. About 14 hours on a 2-core CPU. Run from the repository root
+# and the small real-video model. About 16 hours on a 2-core CPU. Run from the repository root
 # after `scripts/test.sh` or `scripts/demo.sh` has made .venv. Outputs go to $RUNS and $RESULTS
 # (default runs/ and results/, not committed), except the shipped model, which is written to
 # samples/bouncing-moe; the curated results were copied to samples/results/ by hand.
