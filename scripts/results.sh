@@ -58,6 +58,17 @@ study_one() {  # config run [overrides...]: 88 minutes on one core
         > "$RUNS/$2.log" 2>&1
 }
 
+on_eval_seeds() {  # tag command...: "command... SEED" for eval seeds 0-3, two seeds a lane, two lanes side by side
+    local tag=$1 lane seed
+    shift
+    for lane in "0 1" "2 3"; do
+        for seed in $lane; do
+            "$@" "$seed"
+        done > "$RESULTS/$tag-lane${lane// /}.log" 2>&1 &
+    done
+    wait
+}
+
 if [[ $step == train || $step == all ]]; then
     study_one bouncing_small moe &
     study_one dense_flops dense_flops &
@@ -218,13 +229,11 @@ if [[ $step == lowsolo || $step == all ]]; then
         train.time_budget_minutes=88 train.snapshot_every=1000 train.checkpoint_every=1000 train.sample_every=0 \
         train.low_noise_from=0.8 train.low_timestep_fraction=0.2 train.blur_prob=0.5 > "$RUNS/moe_lownoise.log" 2>&1
     ev() { vidmoe eval --model "$1" --out "$RESULTS/lownoise/$2-seed$3" --no-fvd --seed "$3" "${@:4}"; }
-    for lane in "0 1" "2 3"; do
-        for seed in $lane; do
-            ev "$RUNS/moe_lownoise/model" solo_lownoise "$seed"
-            ev samples/bouncing-moe shipped "$seed" --guidance 3 --guidance-min-t 0
-        done > "$RESULTS/lowsolo-lane${lane// /}.log" 2>&1 &
-    done
-    wait
+    lowsolo_eval() {
+        ev "$RUNS/moe_lownoise/model" solo_lownoise "$1"
+        ev samples/bouncing-moe shipped "$1" --guidance 3 --guidance-min-t 0
+    }
+    on_eval_seeds lowsolo lowsolo_eval
 fi
 
 if [[ $step == sweep || $step == all ]]; then
@@ -262,15 +271,13 @@ if [[ $step == interval || $step == all ]]; then
     # seeds 0-3. It won, so the shipped copy's sample section was then set to guidance 4.5,
     # guidance_min_t 0.5 (by hand, the weights unchanged), and its evaluation and gifs redone:
     # samples/results/shipped/eval-interval/ and samples/results/shipped/gifs/.
-    for lane in "0 1" "2 3"; do
-        for seed in $lane; do
-            for pair in shipped:samples/bouncing-moe solo_lownoise:"$RUNS/moe_lownoise/model"; do
-                vidmoe eval --model "${pair#*:}" --out "$RESULTS/interval/${pair%%:*}-seed$seed" \
-                    --no-fvd --seed "$seed" --guidance 4.5 --guidance-min-t 0.5
-            done
-        done > "$RESULTS/interval-lane${lane// /}.log" 2>&1 &
-    done
-    wait
+    interval_eval() {
+        for pair in shipped:samples/bouncing-moe solo_lownoise:"$RUNS/moe_lownoise/model"; do
+            vidmoe eval --model "${pair#*:}" --out "$RESULTS/interval/${pair%%:*}-seed$1" \
+                --no-fvd --seed "$1" --guidance 4.5 --guidance-min-t 0.5
+        done
+    }
+    on_eval_seeds interval interval_eval
     vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/eval-interval"  # with FVD, as in ship
     gifs samples/bouncing-moe "$RESULTS/shipped"
 fi
@@ -287,27 +294,23 @@ if [[ $step == twophase || $step == all ]]; then
         train.output_dir="$RUNS/twophase_ft" train.time_budget_minutes=15 train.lr=3e-4 train.warmup_steps=20 \
         train.decay_fraction=0.3 train.checkpoint_every=100000 train.snapshot_every=0 train.sample_every=0 \
         train.low_timestep_fraction=0.2 train.blur_prob=0.5 > "$RUNS/twophase_ft.log" 2>&1
-    for lane in "0 1" "2 3"; do
-        for seed in $lane; do
-            vidmoe eval --model "$RUNS/twophase_ft/model" --out "$RESULTS/twophase/twophase-seed$seed" --no-fvd --seed "$seed"
-            vidmoe eval --model "$RUNS/twophase_base/model" --out "$RESULTS/twophase/base-seed$seed" --no-fvd --seed "$seed"
-        done > "$RESULTS/twophase-lane${lane// /}.log" 2>&1 &
-    done
-    wait
+    twophase_eval() {
+        vidmoe eval --model "$RUNS/twophase_ft/model" --out "$RESULTS/twophase/twophase-seed$1" --no-fvd --seed "$1"
+        vidmoe eval --model "$RUNS/twophase_base/model" --out "$RESULTS/twophase/base-seed$1" --no-fvd --seed "$1"
+    }
+    on_eval_seeds twophase twophase_eval
 fi
 
 if [[ $step == sampling || $step == all ]]; then
     # One sampling setting at a time around the shipped default (guidance 4.5 at t >= 0.5, shift 1),
     # against interval's shipped-seed*. None won on every seed, so the default stayed.
-    for lane in "0 1" "2 3"; do
-        for seed in $lane; do
-            for pair in shift07:"--shift 0.7" shift05:"--shift 0.5" cut03:"--guidance-min-t 0.3" cut07:"--guidance-min-t 0.7"; do
-                vidmoe eval --model samples/bouncing-moe --out "$RESULTS/sampling/${pair%%:*}-seed$seed" \
-                    --no-fvd --seed "$seed" ${pair#*:}
-            done
-        done > "$RESULTS/sampling-lane${lane// /}.log" 2>&1 &
-    done
-    wait
+    sampling_eval() {
+        for pair in shift07:"--shift 0.7" shift05:"--shift 0.5" cut03:"--guidance-min-t 0.3" cut07:"--guidance-min-t 0.7"; do
+            vidmoe eval --model samples/bouncing-moe --out "$RESULTS/sampling/${pair%%:*}-seed$1" \
+                --no-fvd --seed "$1" ${pair#*:}
+        done
+    }
+    on_eval_seeds sampling sampling_eval
 fi
 
 if [[ $step == batch16 || $step == all ]]; then
@@ -315,12 +318,8 @@ if [[ $step == batch16 || $step == all ]]; then
     OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/batch16" \
         train.batch_size=16 train.lr=1.4e-3 train.warmup_steps=50 train.time_budget_minutes=88 \
         train.snapshot_every=500 train.checkpoint_every=1000 train.sample_every=0 > "$RUNS/batch16.log" 2>&1
-    for lane in "0 1" "2 3"; do
-        for seed in $lane; do
-            vidmoe eval --model "$RUNS/batch16/model" --out "$RESULTS/batch16/batch16-seed$seed" --no-fvd --seed "$seed"
-        done > "$RESULTS/batch16-lane${lane// /}.log" 2>&1 &
-    done
-    wait
+    batch16_eval() { vidmoe eval --model "$RUNS/batch16/model" --out "$RESULTS/batch16/batch16-seed$1" --no-fvd --seed "$1"; }
+    on_eval_seeds batch16 batch16_eval
 fi
 
 if [[ $step == real || $step == all ]]; then
