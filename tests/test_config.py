@@ -69,3 +69,21 @@ def test_string_fields_keep_yaml_keywords_from_the_command_line():
     assert load_config(None, ["model.vae=null"]).model.vae is None
     with pytest.raises(ConfigError, match="quote it"):
         vidmoe.config.config_from_dict({"train": {"mixed_precision": False}})
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "fma"}, "no"),
+    ({"avx512f", "avx512_bf16"}, "no"),  # bf16 instructions without AMX tiles: fp32 was faster
+    ({"avx512_bf16", "amx_tile", "amx_bf16"}, "bf16"),
+    (set(), "no"),
+])
+def test_auto_precision_on_cpu_takes_bf16_only_with_amx(monkeypatch, flags, expected):
+    from vidmoe import precision
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    precision.cpu_has_fast_bf16.cache_clear()
+    try:
+        assert precision.resolve_mixed_precision("auto", "cpu") == expected
+        assert precision.resolve_mixed_precision("bf16", "cpu") == "bf16"  # asked for: always honoured
+        assert precision.resolve_mixed_precision("no", "cpu") == "no"
+    finally:
+        precision.cpu_has_fast_bf16.cache_clear()
