@@ -80,6 +80,9 @@ class ModelConfig:
     # it is an x0 head, and F's target has unit variance at every t.
     prediction: str = "x0"
     sigma_data: float = 0.5  # edm: root mean square of the training pixels (or latents)
+    # x0 head: hidden channels of small per-frame convolutions that correct the token head's x0 at
+    # full resolution from it, the noisy input and t (model.PixelRefiner); 0 leaves them out.
+    refine_channels: int = 0
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -407,6 +410,8 @@ def validate(cfg: Config) -> None:
     _check(moe.num_shared_experts >= 0, "model.moe.num_shared_experts must be >= 0")
     _check(moe.jitter >= 0, "model.moe.jitter must be >= 0")
     _check(moe.expert_hidden is None or moe.expert_hidden > 0, "model.moe.expert_hidden must be positive")
+    _check(m.refine_channels >= 0, "model.refine_channels must be >= 0")
+    _check(m.refine_channels == 0 or m.prediction == "x0", "model.refine_channels needs model.prediction=x0")
     _check(m.ffn == "dense" or m.dense_match is None, "model.dense_match only applies when model.ffn=dense")
     d = cfg.data
     _check(1 <= d.min_objects <= d.max_objects <= 3,

@@ -128,6 +128,34 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+class PixelRefiner(nn.Module):
+    """Per-frame convolutions that correct the token head's x0 at full resolution, seeing the noisy input."""
+
+    # A token head paints a 4x4 patch from one vector, and near t = 0 it must rebuild the clean clip
+    # through the whole network: edges come out blended, and blended rims read as extra objects.
+    # Here each pixel sees its neighbours across patch borders, the noisy input itself and the noise
+    # level, so where little noise is left it can copy the input's hard edges (a skip connection the
+    # network learns to use only where it helps, unlike edm's fixed c_skip(t)).
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(2 * channels + 1, hidden, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 1), nn.SiLU(),
+            nn.Conv2d(hidden, channels, 3, padding=1),
+        ).to(memory_format=torch.channels_last)
+
+    def forward(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0, x_t [B, C, T, H, W], t [B] -> the corrected x0 [B, C, T, H, W]."""
+        b = x0.shape[0]
+        level = t.to(x0.dtype).view(b, 1, 1, 1, 1).expand(b, 1, *x0.shape[2:])  # [B, 1, T, H, W]
+        inputs = torch.cat([x0, x_t.to(x0.dtype), level], dim=1)  # [B, 2C+1, T, H, W]
+        # Channels-last inputs and weights: CPU convolutions this narrow ran 3x faster so (forward + backward).
+        frames = rearrange(inputs, "b c t h w -> (b t) c h w").contiguous(memory_format=torch.channels_last)
+        correction = rearrange(self.net(frames), "(b t) c h w -> b c t h w", b=b)
+        return x0 + correction
+
+
 # Below this noise level an x0 prediction is turned into a velocity as if t were this, so the
 # velocity (and the loss weight 1 / t^2 it implies) stays bounded near the clean end.
 MIN_VELOCITY_T = 0.05
@@ -194,6 +222,7 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         self.spatial_blocks = nn.ModuleList(SubBlock(cfg, "spatial", self._ffn(i)) for i in range(cfg.depth))
         self.temporal_blocks = nn.ModuleList(SubBlock(cfg, "temporal", self._ffn(i)) for i in range(cfg.depth))
         self.final_layer = FinalLayer(d, pt * p * p * c)
+        self.refiner = PixelRefiner(c, cfg.refine_channels) if cfg.refine_channels else None
         self.initialize_weights()
 
     def _ffn(self, block: int) -> nn.Module:
@@ -223,6 +252,9 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.refiner is not None:
+            nn.init.zeros_(self.refiner.net[-1].weight)
+            nn.init.zeros_(self.refiner.net[-1].bias)
 
     def compile_regions(self, **options) -> None:
         """torch.compile each sub-block's attention part (`SubBlock.mix`) in place; the MoE stays eager.
@@ -273,6 +305,8 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         sample = rearrange(out, "b t (h w) (pt p q c) -> b c (t pt) (h p) (w q)",
                            h=hh, w=ww, pt=cfg.temporal_patch_size, p=cfg.patch_size, q=cfg.patch_size)
         if cfg.prediction == "x0":
+            if self.refiner is not None:
+                sample = self.refiner(sample, x, timestep)
             sample = velocity_from_x0(x, sample, timestep)
         elif cfg.prediction == "edm":
             sample = skip * x.float() - scale_out * sample.float()
