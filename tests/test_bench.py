@@ -134,3 +134,27 @@ def test_compile_section_runs_only_when_named(tmp_path):
     section = result["sections"]["compile"]
     for key in ("eager_s", "compiled_s", "compiled_over_eager", "first_step_s"):
         assert positive(section[key]), key
+
+
+@pytest.mark.parametrize("low_noise_from, blurs", [(0.0, True), (0.8, False)])
+def test_bench_step_draws_soft_edges_only_if_a_run_starts_with_them(monkeypatch, low_noise_from, blurs):
+    import importlib
+
+    from vidmoe.bench import _batch, training_step
+    from vidmoe.model import build_model
+
+    size = SIZES["tiny"]
+    cfg = model_configs(size)["moe"]
+    cfg.train.blur_prob, cfg.train.low_noise_from = 1.0, low_noise_from
+    train_module = importlib.import_module("vidmoe.train")  # the package's `train` is the function
+    calls = []
+    real = train_module.soft_edge_source
+
+    def counting(x0, t, train_cfg):
+        calls.append(t)
+        return real(x0, t, train_cfg)
+
+    monkeypatch.setattr(train_module, "soft_edge_source", counting)
+    torch.manual_seed(0)
+    training_step(build_model(cfg.model), cfg, _batch(cfg, 4, torch.device("cpu")), torch.device("cpu"), "no")()
+    assert len(calls) == (1 if blurs else 0)

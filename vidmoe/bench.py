@@ -260,17 +260,20 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def training_step(model, cfg: Config, batch, device: torch.device, precision: str) -> Callable[[], None]:
-    """One training step of a vidmoe model as the trainer runs it (flow loss + aux loss, clip, AdamW)."""
+    """One training step of a vidmoe model as the trainer runs it at the start of a run (flow loss + aux
+    loss, clip, AdamW): the low-noise options only if train.low_noise_from puts them there, as it does
+    not in the bouncing configs (their last 20% adds a blur to some clips)."""
     from .train import training_loss
 
     x0, labels, captions = batch
+    low_noise = cfg.train.low_noise_from == 0
     optimizer = _optimizer(model, cfg)
     params = list(model.parameters())
     model.train()
 
     def step() -> None:
         with _autocast(device, precision):
-            loss, _, _ = training_loss(model, x0, labels, captions, cfg.train)
+            loss, _, _ = training_loss(model, x0, labels, captions, cfg.train, low_noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
