@@ -357,6 +357,10 @@ if [[ $step == ship || $step == all ]]; then
     # schedulers found nothing better on all of them), evaluated, inspected and drawn.
     python scripts/ship_model.py "$RUNS/moe_refine/model" samples/bouncing-moe
     ship_outputs samples/bouncing-moe "$RESULTS/shipped"
+    shipped_seed() { vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/seeds/seed$1" --no-fvd --seed "$1"; }
+    (shipped_seed 1; shipped_seed 3) > "$RESULTS/shipped-seeds-lane1.log" 2>&1 &
+    shipped_seed 2 > "$RESULTS/shipped-seeds-lane2.log" 2>&1 &
+    wait
 fi
 
 if [[ $step == experts8 || $step == all ]]; then
