@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vidmoe.bench import (SIZES, TARGETS, check_targets, format_table, interleaved, latte_config,
-                          latte_matched_config, model_configs)
+                          latte_dense_variants, latte_matched_config, model_configs)
 from vidmoe.cli import main
 
 SECTION_KEYS = {
@@ -16,7 +16,8 @@ SECTION_KEYS = {
     "model_step": ["moe_over_dense_flops", "moe_over_dense_params", "moe_s", "dense_flops_s", "dense_params_s"],
     "generation": ["moe_step_over_dense_flops", "moe_clip_over_dense_flops"],
     "peer": ["latte_s", "ours_s", "ours_over_latte", "ours_latte_matched_s", "ours_latte_matched_over_latte",
-             "ours_dense_latte_matched_over_latte", "ours_dense_latte_matched_no_qk_norm_over_latte"],
+             "ours_dense_latte_matched_over_latte", "ours_dense_latte_matched_no_qk_norm_over_latte",
+             "ours_dense_latte_matched_no_qk_norm_no_refine_over_latte"],
     "data": ["cache_clips_per_s", "decode_clips_per_s", "train_clips_per_s", "cache_over_train"],
 }
 MODEL_KEYS = ["step_s", "clips_per_s", "peak_memory_mb", "params_total", "params_active"]
@@ -122,6 +123,20 @@ def test_latte_matched_model_has_lattes_feed_forward_compute_and_spatial_cross_a
     assert all(b.cross_attn is not None for b in matched.spatial_blocks)
     assert all(b.cross_attn is None for b in matched.temporal_blocks)
     assert latte.temporal_transformer_blocks[0].attn2 is None  # Latte's temporal blocks have no text either
+
+
+def test_latte_dense_variants_take_away_one_difference_at_a_time():
+    from vidmoe.model import build_model
+
+    size = SIZES["full"]
+    cfg = model_configs(size)["moe"]
+    models = [build_model(c.model) for c in latte_dense_variants(size, cfg).values()]
+    assert len(models) == 3
+    has_qk_norm = [isinstance(m.spatial_blocks[0].attn.q_norm, torch.nn.RMSNorm) for m in models]
+    has_refiner = [m.refiner is not None for m in models]
+    assert has_qk_norm == [True, False, False]
+    assert has_refiner == [True, True, False]
+    assert all(m.parameter_counts()["total"] == m.parameter_counts()["active"] for m in models)  # dense
 
 
 @pytest.mark.slow

@@ -483,15 +483,31 @@ def latte_matched_overrides(model_cfg: ModelConfig) -> list[str]:
     return ["model.cross_attention=spatial", f"model.moe.expert_hidden={hidden}"]
 
 
-def latte_dense_overrides(model_cfg: ModelConfig, qk_norm: bool = True) -> list[str]:
+def latte_dense_overrides(model_cfg: ModelConfig) -> list[str]:
     """Our backbone without MoE at Latte's compute per token: cross-attention in the spatial sub-blocks
-    only and one dense SwiGLU of hidden 8D / 3 (3 matrices of D x H = Latte's 2 of D x 4D). Without
-    qk-norm too, its attention is Latte's: what is left between the two is the code, not the model."""
+    only and one dense SwiGLU of hidden 8D / 3 (3 matrices of D x H = Latte's 2 of D x 4D)."""
     from .model import multiple_of_16
 
     hidden = multiple_of_16(8 * model_cfg.hidden_size / 3)
     return ["model.cross_attention=spatial", "model.ffn=dense", "model.dense_match=null",
-            f"model.ffn_hidden={hidden}"] + ([] if qk_norm else ["model.qk_norm=false"])
+            f"model.ffn_hidden={hidden}"]
+
+
+# What the dense backbone at Latte's compute still has that Latte has not, taken away one at a time
+# (each variant keeps the removals before it): without both, what is left between the two is the
+# code, not the model.
+LATTE_DENSE_REMOVALS = (("ours_dense_latte_matched", []),
+                        ("ours_dense_latte_matched_no_qk_norm", ["model.qk_norm=false"]),
+                        ("ours_dense_latte_matched_no_qk_norm_no_refine", ["model.refine_channels=0"]))
+
+
+def latte_dense_variants(size: BenchSize, cfg: Config) -> dict[str, Config]:
+    """The dense backbone at Latte's compute, then with each of LATTE_DENSE_REMOVALS taken away in turn."""
+    overrides, variants = latte_dense_overrides(cfg.model), {}
+    for name, removal in LATTE_DENSE_REMOVALS:
+        overrides = overrides + removal
+        variants[name] = _load_config(size, overrides)
+    return variants
 
 
 def latte_matched_config(size: BenchSize, cfg: Config) -> Config:
@@ -552,8 +568,7 @@ def bench_peer(size: BenchSize, device: torch.device, precision: str, repeats: i
     }
     # Where the matched model's time goes: the same backbone with a dense feed-forward, then also
     # without qk-norm (Latte has none).
-    for name, qk_norm in (("ours_dense_latte_matched", True), ("ours_dense_latte_matched_no_qk_norm", False)):
-        variant_cfg = _load_config(size, latte_dense_overrides(cfg.model, qk_norm))
+    for name, variant_cfg in latte_dense_variants(size, cfg).items():
         steps[name] = training_step(build_model(variant_cfg.model).to(device), variant_cfg, batch, device, precision)
     times = interleaved(steps, repeats, warmup, device)
     med = {name: _median(t) for name, t in times.items()}
@@ -573,10 +588,8 @@ def bench_peer(size: BenchSize, device: torch.device, precision: str, repeats: i
         "ours_latte_matched_overrides": latte_matched_overrides(cfg.model),
         "ours_latte_matched_over_latte": med["ours_latte_matched"] / med["latte"],
         "ours_dense_latte_matched_overrides": latte_dense_overrides(cfg.model),
-        "ours_dense_latte_matched_s": med["ours_dense_latte_matched"],
-        "ours_dense_latte_matched_over_latte": med["ours_dense_latte_matched"] / med["latte"],
-        "ours_dense_latte_matched_no_qk_norm_s": med["ours_dense_latte_matched_no_qk_norm"],
-        "ours_dense_latte_matched_no_qk_norm_over_latte": med["ours_dense_latte_matched_no_qk_norm"] / med["latte"],
+        **{key: value for name, _ in LATTE_DENSE_REMOVALS
+           for key, value in ((f"{name}_s", med[name]), (f"{name}_over_latte", med[name] / med["latte"]))},
         "samples": times,
     }
 
@@ -718,6 +731,8 @@ def format_table(result: dict) -> str:
                       + " ".join(r["ours_dense_latte_matched_overrides"])),
                   row("", "... and no qk-norm", _ms(r["ours_dense_latte_matched_no_qk_norm_s"]),
                       f"{r['ours_dense_latte_matched_no_qk_norm_over_latte']:.2f}x Latte"),
+                  row("", "... and no refining convolutions", _ms(r["ours_dense_latte_matched_no_qk_norm_no_refine_s"]),
+                      f"{r['ours_dense_latte_matched_no_qk_norm_no_refine_over_latte']:.2f}x Latte"),
                   row("", "diffusers Latte", _ms(r["latte_s"]), f"{r['latte_params'] / 1e6:.2f}M params; "
                                                                  f"ours/Latte {r['ours_over_latte']:.2f}, "
                                                                  f"matched/Latte {r['ours_latte_matched_over_latte']:.2f}")]
