@@ -494,8 +494,8 @@ def latte_dense_overrides(model_cfg: ModelConfig) -> list[str]:
 
 
 # What the dense backbone at Latte's compute still has that Latte has not, taken away one at a time
-# (each variant keeps the removals before it): without both, what is left between the two is the
-# code, not the model.
+# (each variant keeps the removals before it): without all of them, what is left between the two is
+# the code, not the model.
 LATTE_DENSE_REMOVALS = (("ours_dense_latte_matched", []),
                         ("ours_dense_latte_matched_no_qk_norm", ["model.qk_norm=false"]),
                         ("ours_dense_latte_matched_no_qk_norm_no_refine", ["model.refine_channels=0"]))
@@ -566,8 +566,8 @@ def bench_peer(size: BenchSize, device: torch.device, precision: str, repeats: i
         "ours_latte_matched": training_step(matched, matched_cfg, batch, device, precision),
         "latte": latte_step(latte, cfg, batch, device, precision),
     }
-    # Where the matched model's time goes: the same backbone with a dense feed-forward, then also
-    # without qk-norm (Latte has none).
+    # Where the matched model's time goes: the same backbone with a dense feed-forward, then without
+    # qk-norm and the refining convolutions in turn (Latte has neither).
     for name, variant_cfg in latte_dense_variants(size, cfg).items():
         steps[name] = training_step(build_model(variant_cfg.model).to(device), variant_cfg, batch, device, precision)
     times = interleaved(steps, repeats, warmup, device)
