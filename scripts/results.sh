@@ -413,8 +413,9 @@ fi
 
 if [[ $step == batch4 || $step == all ]]; then
     # Batch 16 (half the updates of batch 8) lost, and the side-by-side runs (59% of the alone run's
-    # updates) scored far below it: updates are what these 88 minutes are short of. Batch 4 steps in
-    # 0.53 s against batch 8's 0.93 s, so about 1.75x the updates from 0.88x the clips.
+    # updates) scored far below it: are these 88 minutes short of updates? Batch 4 steps in 0.53 s against
+    # batch 8's 0.93 s, so about 1.75x the updates from 0.88x the clips. (Session 17: 9840 steps, count
+    # agreement 0.52 against the batch-8 run's 0.55, the same held-out loss; the batch stays at 8.)
     OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/batch4" \
         train.batch_size=4 train.lr=7e-4 train.mixed_precision=no train.time_budget_minutes=88 \
         train.snapshot_every=2000 train.checkpoint_every=2000 train.sample_every=0 > "$RUNS/batch4.log" 2>&1
