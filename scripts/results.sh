@@ -428,9 +428,9 @@ fi
 if [[ $step == depth4 || $step == all ]]; then
     # 1.7x the updates (batch4) reached the same held-out loss: is 3 blocks the limit rather than the
     # number of steps? A fourth block costs 1.33x the step (1.11 s against 0.83 s, one process,
-    # Trainer.train_step) for 1.32x the parameters (8.59M against 6.52M). (Session 19, on a slower
-    # AVX2-only machine: 3896 steps, agreement 0.35 against refine's 0.55, and behind refine at
-    # equal steps too (step-2000 snapshot, held-out loss 0.137 against 0.130); the depth stays at 3.)
+    # Trainer.train_step) for 1.32x the parameters (8.59M against 6.52M). (Session 19: 3896 steps,
+    # agreement 0.35 against refine's 0.55, and behind refine at equal steps too (step-2000 snapshot,
+    # held-out loss 0.137 against 0.130); the depth stays at 3.)
     OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/depth4" \
         model.depth=4 train.mixed_precision=no train.time_budget_minutes=88 \
         train.snapshot_every=2000 train.checkpoint_every=2000 train.sample_every=0 > "$RUNS/depth4.log" 2>&1
