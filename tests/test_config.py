@@ -37,6 +37,7 @@ def test_ints_are_accepted_as_floats():
     (["model.sample_size=30"], "not divisible by model.patch_size"),
     (["model.num_frames=5", "model.temporal_patch_size=2"], "num_frames=5 is not divisible"),
     (["model.moe.router=expert"], "model.moe.router must be one of"),
+    (["train.export_weights=last"], "train.export_weights must be ema or raw"),
     (["model.depth"], "not of the form section.key=value"),
     (["model.depth.x=1"], "'depth' is not a section"),
 ])

@@ -1,6 +1,9 @@
 """Generation: export round trip, files that decode, guidance and seeds, bad model folders."""
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -63,9 +66,6 @@ def test_export_round_trip(run_dir, cfg):
 
 @pytest.mark.slow
 def test_fp16_copy_loads_in_fp32_and_generates_the_same_clips(run_dir, tmp_path):
-    import subprocess
-    import sys
-
     half = tmp_path / "half"
     ship = [sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(run_dir / "model"), str(half)]
     bad = subprocess.run(ship + ["--guidance-min-t", "1.5"], capture_output=True, text=True)
@@ -82,6 +82,25 @@ def test_fp16_copy_loads_in_fp32_and_generates_the_same_clips(run_dir, tmp_path)
                     guidance_min_t=0.4).int()
     copy = generate(half, num_videos=2, steps=3, seed=5, device="cpu").int()  # the copy's own defaults
     assert (full - copy).abs().max() <= 2  # uint8 levels: fp16 rounding of the weights only
+
+
+@pytest.mark.slow
+def test_fp16_copy_takes_the_raw_weights_of_the_final_checkpoint(run_dir, tmp_path):
+    half, final = tmp_path / "half", run_dir / "checkpoint-4"
+    ship = [sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(run_dir / "model"), str(half), "--weights"]
+    earlier = tmp_path / "checkpoint-2"
+    shutil.copytree(final, earlier)
+    (earlier / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    bad = subprocess.run(ship + [str(earlier)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "a checkpoint of step 2" in bad.stderr and not half.exists()
+    subprocess.run(ship + [str(final)], check=True, capture_output=True)
+    stored = load_file(half / "diffusion_pytorch_model.safetensors")
+    raw = load_file(final / "model.safetensors")
+    ema = load_file(run_dir / "model" / "diffusion_pytorch_model.safetensors")
+    assert stored.keys() == raw.keys() and all(torch.equal(stored[k], raw[k].half()) for k in raw)
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # so the copy did not keep the EMA
+    info = json.loads((half / "train_info.json").read_text())
+    assert info["weights"] == "raw" and info["step"] == 4
 
 
 def test_python_generate_takes_the_models_sample_defaults(run_dir, cfg, tmp_path):

@@ -14,7 +14,7 @@ from vidmoe.config import load_config
 from vidmoe.data import build_dataset, collate
 from vidmoe.errors import UsageError
 from vidmoe.model import build_model
-from vidmoe.train import (COMPLETE_MARKER, EpochBatchSampler, find_checkpoint, list_checkpoints,
+from vidmoe.train import (COMPLETE_MARKER, SNAPSHOT_DIR, EpochBatchSampler, find_checkpoint, list_checkpoints,
                           soft_edge_source, train, training_loss, training_timesteps, wsd_factor)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,9 +291,22 @@ def test_trains_in_bf16_with_gradient_accumulation(tmp_path):
     assert all(0 < r["loss"] < 1e4 and r["grad_norm"] > 0 for r in records)
 
 
+def test_export_weights_raw_exports_the_trained_weights_and_snapshots_keep_the_ema(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, "train.max_steps=3", "train.snapshot_every=3", "train.checkpoint_every=0",
+               "train.export_weights=raw", "train.lr=1e-2"))
+    final = load_file(run / "model" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(run / "checkpoint-3" / "model.safetensors")  # the checkpoint holds the raw weights
+    ema = load_file(run / SNAPSHOT_DIR / "step-0000003" / "diffusion_pytorch_model.safetensors")
+    assert final.keys() == raw.keys() == ema.keys()
+    assert all(torch.equal(final[k], raw[k]) for k in final)
+    assert any(not torch.equal(final[k], ema[k]) for k in final)
+    assert json.loads((run / "model" / "train_info.json").read_text())["weights"] == "raw"
+    assert json.loads((run / SNAPSHOT_DIR / "step-0000003" / "train_info.json").read_text())["weights"] == "ema"
+
+
 def test_snapshots_export_the_ema_model_along_the_run(tmp_path):
     from vidmoe.generate import load_model_dir
-    from vidmoe.train import SNAPSHOT_DIR
 
     run = tmp_path / "run"
     train(tiny(run, "train.max_steps=4", "train.snapshot_every=2", "train.checkpoint_every=0"))

@@ -147,6 +147,11 @@ class TrainConfig:
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999
+    # What model/ holds at the end: the EMA of the weights (ema) or the weights themselves (raw).
+    # Snapshots and sample gifs along the run always use the EMA. After a learning rate that falls to
+    # zero (warmup_stable_decay), raw weights need no averaging and the EMA still carries weights
+    # from before the fall.
+    export_weights: str = "ema"
     mixed_precision: str = "auto"  # auto (bf16 where the hardware makes it fast) | bf16 | fp16 | no
     timestep_mean: float = 0.0  # logit-normal timestep sampling
     timestep_std: float = 1.0
@@ -445,6 +450,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.sample.shift > 0, "sample.shift must be > 0")
     _check(0.0 <= cfg.sample.guidance_min_t < 1.0, "sample.guidance_min_t must be in [0, 1)")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+    _check(t.export_weights in ("ema", "raw"), f"train.export_weights must be ema or raw, not {t.export_weights!r}")
     _check(len(t.betas) == 2, "train.betas must be [beta1, beta2]")
     s = cfg.sample
     _check(s.steps >= 1 and s.num_videos >= 1 and s.fps >= 1, "sample.steps, num_videos and fps must be >= 1")

@@ -482,11 +482,13 @@ class Trainer:
         acc.wait_for_everyone()
 
     def export(self, final: Optional[Path] = None) -> Path:
-        """Write model/ (or ``final``) atomically: EMA weights, the resolved config, the scheduler config (and the VAE)."""
+        """Write model/ (or the snapshot folder ``final``) atomically: the weights (model/: those of
+        train.export_weights; snapshots: the EMA), the resolved config, the scheduler config (and the VAE)."""
         acc, cfg = self.accelerator, self.cfg
+        raw = final is None and cfg.train.export_weights == "raw"
         final = final or self.out / "model"
         tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
-        with self.ema_weights():
+        with contextlib.nullcontext() if raw else self.ema_weights():
             state_dict = acc.get_state_dict(self.model)  # the full weights, gathered under FSDP
             if self.is_main:
                 with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the run's RNG
@@ -500,7 +502,8 @@ class Trainer:
             make_scheduler(cfg.sample.scheduler, shift=cfg.sample.shift).save_pretrained(tmp / "scheduler")
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae")
-            info = {"step": self.state.step, "train_seconds": round(self.elapsed(), 1), "parameters": self.counts}
+            info = {"step": self.state.step, "train_seconds": round(self.elapsed(), 1), "parameters": self.counts,
+                    "weights": "raw" if raw else "ema"}
             (tmp / "train_info.json").write_text(json.dumps(info, indent=1))
             if self.example_conditions is None:
                 self.example_conditions = example_conditions(self.dataset)
