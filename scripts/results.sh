@@ -95,6 +95,23 @@ on_eval_seeds() {  # tag command...: "command... SEED" for eval seeds 0-3, two s
     wait
 }
 
+raw_beside_ema() {  # run [overrides...]: the configs' recipe alone on both cores for 88 minutes, then its
+    # final checkpoint's raw weights (model-raw/) evaluated beside model/'s EMA on eval seeds 0-3
+    local run=$1 last
+    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/$run" "${@:2}" \
+        train.mixed_precision=no train.time_budget_minutes=88 \
+        train.snapshot_every=2000 train.checkpoint_every=2000 train.sample_every=0 > "$RUNS/$run.log" 2>&1
+    last=$(ls -d "$RUNS/$run"/checkpoint-* | sort -t- -k2 -n | tail -1)
+    rm -rf "$RUNS/$run/model-raw" && cp -r "$RUNS/$run/model" "$RUNS/$run/model-raw"
+    cp "$last/model.safetensors" "$RUNS/$run/model-raw/diffusion_pytorch_model.safetensors"
+    RAW_RUN=$run
+    both_eval() {
+        vidmoe eval --model "$RUNS/$RAW_RUN/model" --out "$RESULTS/$RAW_RUN/ema-seed$1" --no-fvd --seed "$1"
+        vidmoe eval --model "$RUNS/$RAW_RUN/model-raw" --out "$RESULTS/$RAW_RUN/raw-seed$1" --no-fvd --seed "$1"
+    }
+    on_eval_seeds "$run" both_eval
+}
+
 if [[ $step == train || $step == all ]]; then
     study_one bouncing_small moe &
     study_one dense_flops dense_flops &
@@ -451,17 +468,7 @@ if [[ $step == rawema || $step == all ]]; then
     # low-noise options train: the shipped recipe run again, its final checkpoint's raw weights
     # evaluated beside model/'s EMA. (Session 20: 5332 steps; raw 0.46 against EMA 0.40, raw better
     # or equal on every seed, as for depth4's raw weights; this run scored below refine's 0.55.)
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/rawema" \
-        train.mixed_precision=no train.time_budget_minutes=88 \
-        train.snapshot_every=2000 train.checkpoint_every=2000 train.sample_every=0 > "$RUNS/rawema.log" 2>&1
-    last=$(ls -d "$RUNS"/rawema/checkpoint-* | sort -t- -k2 -n | tail -1)
-    rm -rf "$RUNS/rawema/model-raw" && cp -r "$RUNS/rawema/model" "$RUNS/rawema/model-raw"
-    cp "$last/model.safetensors" "$RUNS/rawema/model-raw/diffusion_pytorch_model.safetensors"
-    rawema_eval() {
-        vidmoe eval --model "$RUNS/rawema/model" --out "$RESULTS/rawema/ema-seed$1" --no-fvd --seed "$1"
-        vidmoe eval --model "$RUNS/rawema/model-raw" --out "$RESULTS/rawema/raw-seed$1" --no-fvd --seed "$1"
-    }
-    on_eval_seeds rawema rawema_eval
+    raw_beside_ema rawema
 fi
 
 if [[ $step == tpatch4 || $step == all ]]; then
@@ -469,17 +476,7 @@ if [[ $step == tpatch4 || $step == all ]]; then
     # agreement 0.23 at step 4000, 0.43 at 5000, 0.55 at 5680). Tokens of 4 frames halve the tokens
     # (8x8x4 per clip), and the bench's training step took half the time; the refining convolutions
     # still work per frame at full resolution.
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/tpatch4" \
-        model.temporal_patch_size=4 train.mixed_precision=no train.time_budget_minutes=88 \
-        train.snapshot_every=2000 train.checkpoint_every=2000 train.sample_every=0 > "$RUNS/tpatch4.log" 2>&1
-    last=$(ls -d "$RUNS"/tpatch4/checkpoint-* | sort -t- -k2 -n | tail -1)
-    rm -rf "$RUNS/tpatch4/model-raw" && cp -r "$RUNS/tpatch4/model" "$RUNS/tpatch4/model-raw"
-    cp "$last/model.safetensors" "$RUNS/tpatch4/model-raw/diffusion_pytorch_model.safetensors"
-    tpatch4_eval() {
-        vidmoe eval --model "$RUNS/tpatch4/model" --out "$RESULTS/tpatch4/ema-seed$1" --no-fvd --seed "$1"
-        vidmoe eval --model "$RUNS/tpatch4/model-raw" --out "$RESULTS/tpatch4/raw-seed$1" --no-fvd --seed "$1"
-    }
-    on_eval_seeds tpatch4 tpatch4_eval
+    raw_beside_ema tpatch4 model.temporal_patch_size=4
 fi
 
 if [[ $step == shiptpatch4 || $step == all ]]; then
