@@ -104,12 +104,11 @@ raw_beside_ema() {  # run [overrides...]: the configs' recipe alone on both core
     last=$(ls -d "$RUNS/$run"/checkpoint-* | sort -t- -k2 -n | tail -1)
     rm -rf "$RUNS/$run/model-raw" && cp -r "$RUNS/$run/model" "$RUNS/$run/model-raw"
     cp "$last/model.safetensors" "$RUNS/$run/model-raw/diffusion_pytorch_model.safetensors"
-    RAW_RUN=$run
-    both_eval() {
-        vidmoe eval --model "$RUNS/$RAW_RUN/model" --out "$RESULTS/$RAW_RUN/ema-seed$1" --no-fvd --seed "$1"
-        vidmoe eval --model "$RUNS/$RAW_RUN/model-raw" --out "$RESULTS/$RAW_RUN/raw-seed$1" --no-fvd --seed "$1"
+    both_eval() {  # run seed
+        vidmoe eval --model "$RUNS/$1/model" --out "$RESULTS/$1/ema-seed$2" --no-fvd --seed "$2"
+        vidmoe eval --model "$RUNS/$1/model-raw" --out "$RESULTS/$1/raw-seed$2" --no-fvd --seed "$2"
     }
-    on_eval_seeds "$run" both_eval
+    on_eval_seeds "$run" both_eval "$run"
 }
 
 if [[ $step == train || $step == all ]]; then
