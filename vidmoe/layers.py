@@ -72,6 +72,15 @@ class PatchEmbed3D(nn.Module):
         return x.flatten(3).permute(0, 2, 3, 1)  # [B, T', H'*W', D]
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its weight cast to the input's dtype: under bf16 autocast the input arrives in
+    bf16 while the weight stays fp32, and torch then falls back from its fused kernel to composed ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention through scaled_dot_product_attention; self- or cross-attention."""
 
@@ -85,8 +94,8 @@ class Attention(nn.Module):
             self.kv = nn.Linear(context_dim, 2 * dim)
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
