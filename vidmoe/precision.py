@@ -25,8 +25,10 @@ def cpu_has_fast_bf16() -> bool:
 
     A whole bouncing_small step gains less, being mostly small products, attention and elementwise
     work: on a 2-core Xeon with AMX, 518 ms in bf16 against 549 ms in fp32 (temporal patch 4: 323
-    against 330 ms), side by side in one run (session 22). AVX512-BF16 alone is not enough: on a 2-core AMD EPYC with it (no AMX) a bouncing_small step took
-    1.4-1.5 s in bf16 autocast against 0.7-1.0 s in fp32. Its bf16 matrix products were 2-4x faster
+    against 330 ms), side by side in one run (session 22).
+
+    AVX512-BF16 alone is not enough: on a 2-core AMD EPYC with it (no AMX) a bouncing_small step
+    took 1.4-1.5 s in bf16 autocast against 0.7-1.0 s in fp32. Its bf16 matrix products were 2-4x faster
     than fp32, but attention's backward was 4x slower and the casts cost more than that saved.
     """
     return "amx_bf16" in cpu_flags()
