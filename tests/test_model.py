@@ -272,3 +272,49 @@ def test_compiled_regions_match_the_eager_model():
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_written_out_attention_matches_the_fused_kernel(masked):
+    """On CPUs in bf16 short sequences take the written-out path: it must agree with SDPA, values and grads."""
+    from vidmoe import layers
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 20, 8, requires_grad=True) for _ in range(3))
+    mask = (torch.rand(3, 1, 1, 20) < 0.6) | (torch.arange(20) == 0) if masked else None  # key 0 always seen
+    grad = torch.randn(3, 2, 20, 8)
+    results = []
+    for fn in (torch.nn.functional.scaled_dot_product_attention, layers.attention):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(q, k, v, attn_mask=mask) if fn is not layers.attention else fn(q, k, v, mask)
+        assert out.dtype == torch.bfloat16
+        out.float().backward(grad)
+        results.append((out.float(), [x.grad.clone() for x in (q, k, v)]))
+        for x in (q, k, v):
+            x.grad = None
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, rtol=0.02, atol=0.02)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0.05, atol=0.05)
+    # Masked keys take no weight: changing their values leaves the output alone.
+    if masked:
+        v2 = v.detach().clone()
+        v2[~mask.expand(3, 2, 20, 20)[:, :, 0, :]] += 10.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(layers.attention(q, k, v2, mask), got.to(torch.bfloat16))
+
+
+def test_attention_takes_the_fused_kernel_in_fp32_and_for_long_sequences(monkeypatch):
+    from vidmoe import layers
+
+    calls = []
+    fused = layers.F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    short, long = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 300, 8)
+    layers.attention(short, short, short)  # fp32
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers.attention(short, short, short)  # bf16, 16 x 16 scores: written out
+        assert len(calls) == 1
+        layers.attention(long, long, long)  # 300 x 300 scores: past SMALL_ATTENTION
+    assert len(calls) == 2
