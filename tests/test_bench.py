@@ -147,7 +147,8 @@ def test_compile_section_runs_only_when_named(tmp_path):
     result = json.loads(out.read_text())
     assert result["sections_run"] == ["compile"]
     section = result["sections"]["compile"]
-    for key in ("eager_s", "compiled_s", "compiled_over_eager", "first_step_s"):
+    for key in ("eager_s", "compiled_s", "compiled_over_eager", "first_step_s", "dense_flops_compiled_s",
+                "compiled_moe_over_dense_flops"):
         assert positive(section[key]), key
 
 

@@ -14,7 +14,8 @@ the ratios. Sections:
 - ``data``: clips/s from a prepared cache, from decoding the video folder, and from the synthetic
   renderer, next to the clips/s the training step consumes;
 - ``compile`` (only when named in ``--sections``): the MoE training step eager against
-  ``train.compile=true``, and how long the first, compiling step takes.
+  ``train.compile=true``, how long the first, compiling step takes, and the compiled MoE step
+  against the compiled ``dense_flops`` step.
 
 ``--size tiny`` runs everything at the size of ``configs/tiny.yaml`` in seconds (the tests use it).
 """
@@ -388,26 +389,30 @@ def bench_model_step(size: BenchSize, device: torch.device, precision: str, repe
 
 
 def bench_compile(size: BenchSize, device: torch.device, precision: str, repeats: int, warmup: int) -> dict:
-    """The MoE training step eager against ``train.compile`` (each sub-block's attention part compiled)."""
+    """The MoE training step eager against ``train.compile`` (each sub-block's attention part compiled),
+    and the compiled MoE step against the compiled ``dense_flops`` step."""
     from .model import build_model
 
-    cfg = model_configs(size)["moe"]
-    batch = _batch(cfg, size.batch_size, device)
-    steps = {}
-    for name in ("eager", "compiled"):
+    configs = model_configs(size)
+    steps, first_steps = {}, {}
+    for name, cfg_name, compiled in (("eager", "moe", False), ("compiled", "moe", True),
+                                     ("dense_flops_compiled", "dense_flops", True)):
+        cfg = configs[cfg_name]
         torch.manual_seed(0)
         model = build_model(cfg.model).to(device)
-        if name == "compiled":
+        if compiled:
             model.compile_regions()
-        steps[name] = training_step(model, cfg, batch, device, precision)
-    started = time.monotonic()
-    steps["compiled"]()  # compiles forward and backward
-    first_step = time.monotonic() - started
+        steps[name] = training_step(model, cfg, _batch(cfg, size.batch_size, device), device, precision)
+        if compiled:
+            started = time.monotonic()
+            steps[name]()  # compiles forward and backward
+            first_steps[name] = time.monotonic() - started
     times = interleaved(steps, repeats, warmup, device)
-    eager, compiled = _median(times["eager"]), _median(times["compiled"])
+    eager, compiled, dense = (_median(times[name]) for name in ("eager", "compiled", "dense_flops_compiled"))
     return {"config": str(find_config_path(size)), "batch_size": size.batch_size, "eager_s": eager,
-            "compiled_s": compiled, "compiled_over_eager": compiled / eager, "first_step_s": first_step,
-            "samples": times}
+            "compiled_s": compiled, "compiled_over_eager": compiled / eager,
+            "first_step_s": first_steps["compiled"], "dense_flops_compiled_s": dense,
+            "compiled_moe_over_dense_flops": compiled / dense, "samples": times}
 
 
 def bench_generation(size: BenchSize, device: torch.device, precision: str, repeats: int, warmup: int) -> dict:
@@ -740,7 +745,9 @@ def format_table(result: dict) -> str:
         r = s["compile"]
         lines += [row("compile", f"moe eager (batch {r['batch_size']})", _ms(r["eager_s"]), ""),
                   row("", "moe, train.compile=true", _ms(r["compiled_s"]),
-                      f"{r['compiled_over_eager']:.2f}x eager; first step {r['first_step_s']:.0f} s (compiling)")]
+                      f"{r['compiled_over_eager']:.2f}x eager; first step {r['first_step_s']:.0f} s (compiling)"),
+                  row("", "dense_flops, train.compile=true", _ms(r["dense_flops_compiled_s"]),
+                      f"compiled MoE/dense_flops {r['compiled_moe_over_dense_flops']:.2f}")]
     if measured("data"):
         r = s["data"]
         train = r["train_clips_per_s"]
