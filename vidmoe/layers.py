@@ -102,7 +102,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 class Attention(nn.Module):
-    """Multi-head attention through scaled_dot_product_attention; self- or cross-attention."""
+    """Multi-head attention (through `attention`); self- or cross-attention."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, context_dim: int | None = None):
         super().__init__()
@@ -145,20 +145,15 @@ class _SwiGLUActivation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # Memory-bound at these sizes, so the number of passes over [.., H] is what counts:
+        # aten's fused silu_backward makes it four.
         (h,) = ctx.saved_tensors
-        return swiglu_grad(h, grad)
-
-
-def swiglu_grad(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Gradient of silu(gate) * up with respect to h = [gate | up], given the output's gradient."""
-    # Memory-bound at these sizes, so the number of passes over [.., H] is what counts:
-    # aten's fused silu_backward makes it four.
-    gate, up = h.chunk(2, dim=-1)
-    out = torch.empty_like(h)
-    d_gate, d_up = out.chunk(2, dim=-1)
-    d_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
-    torch.mul(grad, F.silu(gate), out=d_up)
-    return out
+        gate, up = h.chunk(2, dim=-1)
+        out = torch.empty_like(h)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        d_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
+        torch.mul(grad, F.silu(gate), out=d_up)
+        return out
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
