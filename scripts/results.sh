@@ -568,6 +568,10 @@ if [[ $step == shipcompiled || $step == all ]]; then
     copy_eval() { vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/seeds/seed$1" --no-fvd --seed "$1"; }
     on_eval_seeds shipped copy_eval
     ship_outputs samples/bouncing-moe "$RESULTS/shipped"
+    # Then eval seeds 4-7 too, two lanes side by side.
+    (copy_eval 4; copy_eval 5) > "$RESULTS/shipped-lane45.log" 2>&1 &
+    (copy_eval 6; copy_eval 7) > "$RESULTS/shipped-lane67.log" 2>&1 &
+    wait
 fi
 
 if [[ $step == real || $step == all ]]; then
