@@ -559,6 +559,13 @@ if [[ $step == compiled || $step == all ]]; then
     # cores of the AMX Xeon for 88 minutes (18834 steps). The run also had a hand-written experts path,
     # reverted after it (the same arithmetic, 12% faster per layer at this size, slower at the bench's).
     raw_beside_ema bouncing_small compiled train.mixed_precision=auto train.compile=true
+    # Its snapshots against minutes beside amx and denseamx. In session 24 those two run folders were
+    # gone: their rows were copied from samples/results/denseamx/time_to_quality.json (renamed) into
+    # the table first, with folders holding only each snapshot's train_info.json, so that the script
+    # evaluated only compiled's snapshots.
+    python scripts/time_to_quality.py --runs "$RUNS/amx" "$RUNS/denseamx" "$RUNS/compiled" \
+        --names "MoE (amx, s22)" "dense_flops (s23)" "MoE (compiled, s24)" --out "$RESULTS/compiled/ttq" \
+        --jobs 2 --decay-start 70.4
 fi
 
 if [[ $step == shipcompiled || $step == all ]]; then
