@@ -586,14 +586,15 @@ fi
 if [[ $step == densecompiled || $step == all ]]; then
     # dense_flops on the same code as compiled (session 24's step, train.compile=true), alone on both
     # cores for 88 minutes: the MoE-vs-dense pair on equal code. Final EMA and raw weights on eval
-    # seeds 0-3, and its snapshots against minutes beside compiled's (compiled's folder must be in $RUNS).
-    # max_steps above the ~26000 steps dense_flops makes in 88 minutes, so the time budget ends the run
-    # (and its learning-rate decay) as it did compiled's.
+    # seeds 0-3, and its snapshots against minutes beside the rows of compiled and session 23's dense_flops
+    # (from compiled's table: their folders are not needed). max_steps above the ~27500 steps dense_flops
+    # makes in 88 minutes, so the time budget ends the run (and its learning-rate decay) as it did compiled's.
     raw_beside_ema dense_flops densecompiled train.mixed_precision=auto train.compile=true train.max_steps=100000
     gifs "$RUNS/densecompiled/model" "$RESULTS/densecompiled/dense_flops"
-    python scripts/time_to_quality.py --runs "$RUNS/compiled" "$RUNS/densecompiled" \
-        --names "MoE (compiled, s24)" "dense_flops (s25)" --out "$RESULTS/densecompiled/ttq" --jobs 2 \
-        --decay-start 70.4
+    earlier=samples/results/compiled/time_to_quality.json
+    python scripts/time_to_quality.py --runs "$RUNS/densecompiled" --names "dense_flops (s25)" \
+        --earlier "$earlier" "MoE (compiled, s24)" --earlier "$earlier" "dense_flops (s23)" \
+        --out "$RESULTS/densecompiled/ttq" --jobs 2 --decay-start 70.4
 fi
 
 if [[ $step == sweepcompiled || $step == all ]]; then

@@ -9,7 +9,9 @@ against minutes, one line per run:
         --out samples/time_to_quality
 
 Writes ``--out``/time_to_quality.json (one row per snapshot) and time_to_quality.png. Snapshots
-already in the JSON are not evaluated again, so an interrupted call can be re-run.
+already in the JSON are not evaluated again, so an interrupted call can be re-run. ``--earlier
+TABLE RUN`` puts a run evaluated before (whose folder may be gone) beside the new ones, its rows
+taken from that table.
 """
 
 from __future__ import annotations
@@ -94,6 +96,18 @@ def plot(rows: list[dict], path: Path, decay_start: float | None = None) -> None
     fig.savefig(path)
 
 
+def earlier_rows(table: Path, run: str, parser: argparse.ArgumentParser) -> list[dict]:
+    """The rows of ``run`` in an earlier table, or a parser error naming the runs it holds."""
+    try:
+        rows = json.loads(table.read_text())
+    except (OSError, ValueError) as err:
+        parser.error(f"--earlier: cannot read {table}: {err}")
+    mine = [r for r in rows if r.get("run") == run]
+    if not mine:
+        parser.error(f"--earlier: {table} has no run {run!r} (it has {sorted({r.get('run') for r in rows})})")
+    return mine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, type=Path, help="run folders (with snapshots/)")
@@ -108,10 +122,13 @@ def main() -> None:
     parser.add_argument("--decay-start", type=float, metavar="MINUTES",
                         help="mark where the runs' learning-rate decay began (e.g. 70.4 for 20%% of 88 minutes)")
     parser.add_argument("--jobs", type=int, default=1, help="snapshots evaluated at once, one core each (default 1)")
+    parser.add_argument("--earlier", nargs=2, action="append", default=[], metavar=("TABLE", "RUN"),
+                        help="plot RUN's rows from an earlier time_to_quality.json first (repeatable)")
     args = parser.parse_args()
     names = args.names or [run.name for run in args.runs]
     if len(names) != len(args.runs):
         parser.error("--names needs one name per run")
+    earlier = [earlier_rows(Path(table), run, parser) for table, run in args.earlier]
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "time_to_quality.json"
     done = {f"{r['run']}:{r['step']}": r for r in json.loads(table.read_text())} if table.is_file() else {}
@@ -121,7 +138,8 @@ def main() -> None:
         print(json.dumps(row))
         done[f"{row['run']}:{row['step']}"] = row
         table.write_text(json.dumps(list(done.values()), indent=1))  # an interrupted call resumes
-    rows = [done[key] for run, name in zip(args.runs, names) for key, _, _ in snapshots(run, name)]
+    rows = [row for rows in earlier for row in rows]
+    rows += [done[key] for run, name in zip(args.runs, names) for key, _, _ in snapshots(run, name)]
     table.write_text(json.dumps(rows, indent=1))
     plot(rows, args.out / "time_to_quality.png", args.decay_start)
     print(f"wrote {table} and {args.out / 'time_to_quality.png'}")

@@ -1,6 +1,7 @@
 """vidmoe eval: a deterministic held-out loss, physics for generated clips and three references, clean errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,14 @@ def test_time_to_quality_evaluates_every_snapshot_once(tmp_path):
     assert [(r["run"], r["step"]) for r in in_parallel] == [(r["run"], r["step"]) for r in rows]  # same order
     assert all(p["heldout_loss"] == pytest.approx(r["heldout_loss"], rel=1e-4) for p, r in zip(in_parallel, rows))
     assert (parallel_out / "time_to_quality.png").stat().st_size > 10_000  # with the decay marked
+    # a run evaluated before, whose folder is gone, comes back from its table and is plotted beside
+    shutil.rmtree(runs[0])
+    table = parallel_out / "time_to_quality.json"
+    beside = [sys.executable, str(ROOT / "scripts" / "time_to_quality.py"), "--runs", str(runs[1]),
+              "--out", str(out), "--earlier", str(table), "moe"]
+    third = subprocess.run(beside, check=True, capture_output=True, text=True)
+    assert third.stdout.count('"run"') == 0  # dense's rows were in out's table, moe's come from the earlier one
+    together = json.loads((out / "time_to_quality.json").read_text())
+    assert together[:2] == in_parallel[:2] and together[2:] == rows[2:]
+    wrong = subprocess.run([*beside[:-1], "nosuch"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "has no run 'nosuch'" in wrong.stderr
