@@ -138,7 +138,7 @@ def main() -> None:
         print(json.dumps(row))
         done[f"{row['run']}:{row['step']}"] = row
         table.write_text(json.dumps(list(done.values()), indent=1))  # an interrupted call resumes
-    rows = [row for rows in earlier for row in rows]
+    rows = [row for run_rows in earlier for row in run_rows]
     rows += [done[key] for run, name in zip(args.runs, names) for key, _, _ in snapshots(run, name)]
     table.write_text(json.dumps(rows, indent=1))
     plot(rows, args.out / "time_to_quality.png", args.decay_start)
