@@ -21,17 +21,17 @@ def cpu_flags() -> set[str]:
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX tiles, where bf16 autocast makes matrix products several times faster.
+    """True on CPUs with bf16 matrix instructions (AMX tiles or AVX512-BF16), where bf16 autocast trains faster.
 
-    A whole bouncing_small step gains less, being mostly small products, attention and elementwise
-    work: on a 2-core Xeon with AMX, 518 ms in bf16 against 549 ms in fp32 (temporal patch 4: 323
-    against 330 ms), side by side in one run (session 22).
-
-    AVX512-BF16 alone is not enough: on a 2-core AMD EPYC with it (no AMX) a bouncing_small step
-    took 1.4-1.5 s in bf16 autocast against 0.7-1.0 s in fp32. Its bf16 matrix products were 2-4x faster
-    than fp32, but attention's backward was 4x slower and the casts cost more than that saved.
+    On a 2-core Xeon with AMX a bouncing_small step took 342 ms in bf16 against 383 in fp32 (session 24,
+    `vidmoe bench`). On a 2-core AMD EPYC with AVX512-BF16 and no AMX, `vidmoe train` on bouncing_small
+    ran 310 steps in two minutes in bf16 against 215 in fp32 (session 26; the bench's step: 335 against
+    524 ms eager, 332 against 405 ms with train.compile). Before vidmoe wrote attention out for short
+    sequences (`layers.attention`) EPYCs of that kind had been faster in fp32: torch's fused attention
+    backward in bf16 was 4x slower there. Without either flag bf16 is emulated (on an AVX2-only CPU a
+    step took about 30 s in bf16 against 2.4 s in fp32).
     """
-    return "amx_bf16" in cpu_flags()
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def resolve_mixed_precision(setting: str, device_type: str) -> str:
