@@ -257,7 +257,10 @@ def _batch(cfg: Config, batch_size: int, device: torch.device, seed: int = 0):
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    from .train import fused_adamw
+
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                             fused=fused_adamw(next(model.parameters()).device))
 
 
 def training_step(model, cfg: Config, batch, device: torch.device, precision: str) -> Callable[[], None]:

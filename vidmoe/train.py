@@ -71,6 +71,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW should run its fused kernel: on a CPU it updated bouncing_small's 6.5M parameters in
+    6.4 ms against 20 ms for torch's default per-tensor loop (18.8 ms foreach)."""
+    return device.type in ("cpu", "cuda")
+
+
 def batches_per_epoch(num_items: int, batch_size: int, num_processes: int) -> int:
     """Global batches in one epoch; the last incomplete one is dropped so every rank gets equal work."""
     return num_items // (batch_size * num_processes)
@@ -377,7 +383,8 @@ class Trainer:
             model.compile_regions()  # in place, so the state_dict keys stay those of the plain model
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, *self._optimizer_and_schedule(model))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema = EMAModel(self.params, decay=tc.ema_decay, foreach=True)
+        # On CPUs diffusers' foreach EMA update took 12.6 ms a bouncing_small step, its per-tensor loop 4.9.
+        self.ema = EMAModel(self.params, decay=tc.ema_decay, foreach=acc.device.type != "cpu")
         self.ema.to(acc.device)
         acc.register_for_checkpointing(self.ema)
 
@@ -409,7 +416,7 @@ class Trainer:
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=tuple(tc.betas))
+            lr=tc.lr, betas=tuple(tc.betas), fused=fused_adamw(self.accelerator.device))
         if tc.lr_schedule == WSD_SCHEDULE:
             return optimizer, LambdaLR(optimizer, lambda step: self._wsd_factor(step))
         try:
