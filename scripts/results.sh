@@ -510,7 +510,7 @@ if [[ $step == shiptpatch4 || $step == all ]]; then
 fi
 
 if [[ $step == amx || $step == all ]]; then
-    # Every run before session 22 trained in fp32 on AMD EPYCs without AMX. On a Xeon with AMX, once
+    # The runs before session 22 trained on AMD EPYCs without AMX, most in fp32. On a Xeon with AMX, once
     # expert rows were padded to repeating shapes (vidmoe/moe.py, SEGMENT_ROWS), tpatch4's step took
     # 323 ms in bf16 and 330 ms in fp32 as the bench times it: the faster CPU, not bf16, gave the run
     # 52% more steps than tpatch4's (13781 against 9065).
