@@ -159,12 +159,13 @@ def test_checkpoints_resume_latest_and_ignore_half_written(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(tmp_path, optimizer):
     """N+M steps in one go and N steps resumed to N+M give the same weights, EMA and losses."""
     # A constant schedule (after a warmup that spans the resume point), so stopping at N needs no
     # other max_steps-independent stop; the data epoch (16 clips per epoch) ends in between too.
     common = ["train.lr_schedule=constant_with_warmup", "train.warmup_steps=8", "train.checkpoint_every=0",
-              "train.log_every=1", "data.num_clips=16"]
+              "train.log_every=1", "data.num_clips=16", f"train.optimizer={optimizer}"]
     train(tiny(tmp_path / "a", "train.max_steps=10", *common))
     train(tiny(tmp_path / "b", "train.max_steps=6", *common))
     train(tiny(tmp_path / "b", "train.max_steps=10", *common), resume="latest")

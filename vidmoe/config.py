@@ -139,6 +139,9 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    # adamw, or muon: Muon for the hidden matrices (attention, experts, adaLN), AdamW for the rest, both
+    # at train.lr (vidmoe/optim.py).
+    optimizer: str = "adamw"
     # Any diffusers get_scheduler name, or warmup_stable_decay: warmup, constant, then a linear fall
     # to zero over the last decay_fraction of the run, measured in steps (max_steps) or, when it
     # ends first, in wall time (time_budget_minutes), so a budgeted run ends decayed.
@@ -217,6 +220,7 @@ _CHOICES = {
     ("model", "prediction"): ("x0", "velocity", "edm"),
     ("model", "cross_attention"): ("both", "spatial"),
     ("train", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
+    ("train", "optimizer"): ("adamw", "muon"),
     ("sample", "format"): ("mp4", "gif", "webm", "png"),
 }
 

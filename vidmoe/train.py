@@ -46,6 +46,7 @@ from .errors import DataError, UsageError, check_writable_dir
 from .generate import EXAMPLE_CONDITIONS_FILE, example_conditions
 from .model import MIN_VELOCITY_T, build_model
 from .precision import resolve_mixed_precision
+from .optim import MuonAdamW
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -411,12 +412,17 @@ class Trainer:
 
     def _optimizer_and_schedule(self, model: torch.nn.Module):
         tc = self.cfg.train
-        # Weight decay on matrices only, not on norms, biases and gains.
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=tuple(tc.betas), fused=fused_adamw(self.accelerator.device))
+        fused = fused_adamw(self.accelerator.device)
+        if tc.optimizer == "muon":
+            optimizer = MuonAdamW.for_model(model, lr=tc.lr, weight_decay=tc.weight_decay,
+                                            betas=tuple(tc.betas), fused=fused)
+        else:
+            # Weight decay on matrices only, not on norms, biases and gains.
+            decay = [p for p in model.parameters() if p.dim() >= 2]
+            no_decay = [p for p in model.parameters() if p.dim() < 2]
+            optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=tc.lr, betas=tuple(tc.betas), fused=fused)
         if tc.lr_schedule == WSD_SCHEDULE:
             return optimizer, LambdaLR(optimizer, lambda step: self._wsd_factor(step))
         try:
