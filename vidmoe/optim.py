@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.optim.adam import adam
 
+from .moe import GroupedExperts
+
 # Quintic Newton-Schulz coefficients that push every singular value of the normalised update towards 1
 # in five steps (Jordan et al., "Muon", 2024).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -38,8 +40,6 @@ def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
 def muon_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters Muon should take: Linear weights between the input and the output layer, and
     stacked expert weights; not routers (their logits pick experts), not the first or last layer."""
-    from .moe import GroupedExperts
-
     chosen: set[int] = set()
     last = getattr(getattr(model, "final_layer", None), "linear", None)
     for module in model.modules():
