@@ -654,6 +654,11 @@ if [[ $step == lr2e3 || $step == all ]]; then
     raw_beside_ema bouncing_small lr2e3 train.mixed_precision=auto train.compile=true train.max_steps=100000 \
         train.lr=2e-3
     gifs "$RUNS/lr2e3/model" "$RESULTS/lr2e3/moe"
+    # Its snapshots against minutes, beside compiled's and the session-23 dense_flops rows (their folders gone).
+    python scripts/time_to_quality.py --runs "$RUNS/lr2e3" --names "MoE lr 2e-3 (s27)" \
+        --earlier samples/results/compiled/time_to_quality.json "MoE (compiled, s24)" \
+        --earlier samples/results/compiled/time_to_quality.json "dense_flops (s23)" \
+        --out "$RESULTS/lr2e3/ttq" --jobs 2 --decay-start 70.4
 fi
 
 if [[ $step == real || $step == all ]]; then
