@@ -45,8 +45,8 @@ from .diffusion import flow_loss, gaussian_blur_frames, load_vae, make_scheduler
 from .errors import DataError, UsageError, check_writable_dir
 from .generate import EXAMPLE_CONDITIONS_FILE, example_conditions
 from .model import MIN_VELOCITY_T, build_model
-from .precision import resolve_mixed_precision
 from .optim import MuonAdamW
+from .precision import resolve_mixed_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
