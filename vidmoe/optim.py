@@ -37,6 +37,12 @@ def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (x if wide else x.mT).to(update.dtype)
 
 
+def weight_decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, not on norms, biases and gains."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def muon_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters Muon should take: Linear weights between the input and the output layer, and
     stacked expert weights; not routers (their logits pick experts), not the first or last layer."""
@@ -65,11 +71,8 @@ class MuonAdamW(torch.optim.Optimizer):
         """Muon for the hidden matrices; AdamW with decay on the other matrices, without on norms and biases."""
         muon_ids = muon_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if id(p) in muon_ids], "muon": True, "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in muon_ids and p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in muon_ids and p.dim() < 2], "weight_decay": 0.0},
-        ]
+        groups = [{"params": [p for p in params if id(p) in muon_ids], "muon": True, "weight_decay": weight_decay},
+                  *weight_decay_groups([p for p in params if id(p) not in muon_ids], weight_decay)]
         return cls([g for g in groups if g["params"]], lr=lr, **kwargs)
 
     @torch.no_grad()
@@ -100,8 +103,8 @@ class MuonAdamW(torch.optim.Optimizer):
             by_shape.setdefault((tuple(p.shape[-2:]), p.dtype, p.device), []).append(
                 (p, p.grad.lerp(buf, momentum)))  # Nesterov
         for (shape, _, _), items in by_shape.items():
-            stacked = torch.cat([u.reshape(-1, *shape) for _, u in items])
-            updates = orthogonalize(stacked, group["ns_steps"]).split([u.numel() // u.shape[-2:].numel() for _, u in items])
+            matrices = [u.reshape(-1, *shape) for _, u in items]
+            updates = orthogonalize(torch.cat(matrices), group["ns_steps"]).split([m.shape[0] for m in matrices])
             scale = 0.2 * math.sqrt(max(shape))
             for (p, _), update in zip(items, updates):
                 if group["weight_decay"]:

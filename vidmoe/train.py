@@ -45,7 +45,7 @@ from .diffusion import flow_loss, gaussian_blur_frames, load_vae, make_scheduler
 from .errors import DataError, UsageError, check_writable_dir
 from .generate import EXAMPLE_CONDITIONS_FILE, example_conditions
 from .model import MIN_VELOCITY_T, build_model
-from .optim import MuonAdamW
+from .optim import MuonAdamW, weight_decay_groups
 from .precision import resolve_mixed_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -417,12 +417,8 @@ class Trainer:
             optimizer = MuonAdamW.for_model(model, lr=tc.lr, weight_decay=tc.weight_decay,
                                             betas=tuple(tc.betas), fused=fused)
         else:
-            # Weight decay on matrices only, not on norms, biases and gains.
-            decay = [p for p in model.parameters() if p.dim() >= 2]
-            no_decay = [p for p in model.parameters() if p.dim() < 2]
-            optimizer = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=tc.lr, betas=tuple(tc.betas), fused=fused)
+            optimizer = torch.optim.AdamW(weight_decay_groups(list(model.parameters()), tc.weight_decay),
+                                          lr=tc.lr, betas=tuple(tc.betas), fused=fused)
         if tc.lr_schedule == WSD_SCHEDULE:
             return optimizer, LambdaLR(optimizer, lambda step: self._wsd_factor(step))
         try:
