@@ -217,3 +217,29 @@ def test_time_to_quality_evaluates_every_snapshot_once(tmp_path):
     assert together[:2] == in_parallel[:2] and together[2:] == rows[2:]
     wrong = subprocess.run([*beside[:-1], "nosuch"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "has no run 'nosuch'" in wrong.stderr
+
+
+def test_seed_table_averages_the_eval_folders(model_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(fvd, "find_i3d_weights", lambda: None)
+    for seed in (0, 1):
+        assert main(["eval", "--model", str(model_dir), "--out", str(tmp_path / f"seed{seed}"), "--num-videos", "2",
+                     "--steps", "2", "--clips", "2", "--bootstrap", "10", "--device", "cpu", "--seed", str(seed),
+                     "--no-fvd"]) == 0
+    script = [sys.executable, str(ROOT / "scripts" / "seed_table.py")]
+    out = subprocess.run([*script, f"tiny={tmp_path}/seed*", "--json", str(tmp_path / "t.json")],
+                         check=True, capture_output=True, text=True).stdout
+    metrics = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    table = json.loads((tmp_path / "t.json").read_text())["tiny"]
+    losses = [m["heldout_loss"]["mean"] for m in metrics]
+    assert table["held-out loss, all t"]["per_seed"] == losses
+    assert table["held-out loss, all t"]["mean"] == pytest.approx(sum(losses) / 2)
+    agreement = [m["physics"]["checker"]["objects_per_frame_agreement"] for m in metrics]
+    assert f"| checker: count agreement (bar 0.85) | {sum(agreement) / 2:.3f} |" in out
+    assert "(mean over 2 eval seeds) | tiny |" in out
+    uneven = subprocess.run([*script, f"a={tmp_path}/seed*", f"b={tmp_path}/seed0"], capture_output=True, text=True)
+    assert uneven.returncode == 2 and "different numbers of eval folders" in uneven.stderr
+    missing = subprocess.run([*script, f"a={tmp_path}/none*"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no eval folder" in missing.stderr
