@@ -133,6 +133,9 @@ raw_beside_ema() {  # config run [overrides...]: a config's recipe alone on both
         vidmoe eval --model "$RUNS/$1/model-raw" --out "$RESULTS/$1/raw-seed$2" --no-fvd --seed "$2"
     }
     on_eval_seeds "$run" both_eval "$run"
+    # The means over the seeds (added in session 28; earlier steps' tables were summed by hand)
+    python scripts/seed_table.py "EMA=$RESULTS/$run/ema-seed*" "raw=$RESULTS/$run/raw-seed*" \
+        --json "$RESULTS/$run/seeds.json" > "$RESULTS/$run/seeds.md"
 }
 
 if [[ $step == train || $step == all ]]; then
