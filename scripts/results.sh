@@ -651,31 +651,30 @@ if [[ $step == lrpilot || $step == all ]]; then
     wait
 fi
 
+lr_run() {  # run rate name [--earlier TABLE RUN]...: compiled's recipe at train.lr=rate, alone on both cores
+    # for 88 minutes (EMA and raw on eval seeds 0-3), its gifs, and its snapshots against minutes beside
+    # the given earlier rows and compiled's and the session-23 dense_flops rows (their folders gone)
+    local run=$1 rate=$2 name=$3
+    raw_beside_ema bouncing_small "$run" train.mixed_precision=auto train.compile=true train.max_steps=100000 \
+        train.lr="$rate"
+    gifs "$RUNS/$run/model" "$RESULTS/$run/moe"
+    python scripts/time_to_quality.py --runs "$RUNS/$run" --names "$name" "${@:4}" \
+        --earlier samples/results/compiled/time_to_quality.json "MoE (compiled, s24)" \
+        --earlier samples/results/compiled/time_to_quality.json "dense_flops (s23)" \
+        --out "$RESULTS/$run/ttq" --jobs 2 --decay-start 70.4
+}
+
 if [[ $step == lr2e3 || $step == all ]]; then
     # The learning rate had never been swept: at 12 minutes (lrpilot) 2e-3 and 4e-3 beat 1e-3 (held-out loss
     # 0.134 and 0.089 against 0.220, most of it at t < 0.25). 2e-3 for the full run: 4e-3 was no better at
     # t > 0.75, where a clip's layout (and so its object count) is decided.
-    raw_beside_ema bouncing_small lr2e3 train.mixed_precision=auto train.compile=true train.max_steps=100000 \
-        train.lr=2e-3
-    gifs "$RUNS/lr2e3/model" "$RESULTS/lr2e3/moe"
-    # Its snapshots against minutes, beside compiled's and the session-23 dense_flops rows (their folders gone).
-    python scripts/time_to_quality.py --runs "$RUNS/lr2e3" --names "MoE lr 2e-3 (s27)" \
-        --earlier samples/results/compiled/time_to_quality.json "MoE (compiled, s24)" \
-        --earlier samples/results/compiled/time_to_quality.json "dense_flops (s23)" \
-        --out "$RESULTS/lr2e3/ttq" --jobs 2 --decay-start 70.4
+    lr_run lr2e3 2e-3 "MoE lr 2e-3 (s27)"
 fi
 
 if [[ $step == lr3e3 || $step == all ]]; then
     # lr2e3 beat the shipped run by one run against one; a second point above 1e-3 tells whether the
     # rate is the lever (and 4e-3 led at 12 minutes).
-    raw_beside_ema bouncing_small lr3e3 train.mixed_precision=auto train.compile=true train.max_steps=100000 \
-        train.lr=3e-3
-    gifs "$RUNS/lr3e3/model" "$RESULTS/lr3e3/moe"
-    python scripts/time_to_quality.py --runs "$RUNS/lr3e3" --names "MoE lr 3e-3 (s28)" \
-        --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
-        --earlier samples/results/compiled/time_to_quality.json "MoE (compiled, s24)" \
-        --earlier samples/results/compiled/time_to_quality.json "dense_flops (s23)" \
-        --out "$RESULTS/lr3e3/ttq" --jobs 2 --decay-start 70.4
+    lr_run lr3e3 3e-3 "MoE lr 3e-3 (s28)" --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)"
 fi
 
 if [[ $step == real || $step == all ]]; then
