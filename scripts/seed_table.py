@@ -20,7 +20,8 @@ from statistics import mean
 # (row label, how to read it from one metrics.json, format)
 ROWS = [
     ("checker: count agreement (bar 0.85)", lambda m: m["physics"]["checker"]["objects_per_frame_agreement"], ".3f"),
-    ("... without fragments", lambda m: m["physics"]["checker"]["agreement_without_fragments"], ".3f"),
+    # absent from unconditional evals (no prompt count to agree with)
+    ("... without fragments", lambda m: m["physics"]["checker"].get("agreement_without_fragments"), ".3f"),
     ("fragments per frame", lambda m: m["physics"]["generated"]["fragments_per_frame"]["value"], ".2f"),
     ("checker: residual / real (limit 3)", lambda m: m["physics"]["checker"]["motion_residual_ratio"], ".2f"),
     ("checker: frozen or empty clips", lambda m: m["physics"]["checker"]["frozen_or_empty_rate"], ".3f"),
@@ -35,11 +36,12 @@ def read_column(pattern: str) -> tuple[list[str], list[dict]]:
 
 
 def summarize(metrics: list[dict]) -> dict:
-    """Per row: the mean over seeds and the per-seed values, in folder order."""
+    """Per row: the mean over seeds (None if a folder lacks the number) and the per-seed values, in folder order."""
     table = {}
     for label, read, _ in ROWS:
         values = [read(m) for m in metrics]
-        table[label] = {"mean": mean(values), "per_seed": values}
+        table[label] = {"mean": None if None in values else mean(values), "per_seed": values}
+    table["agreement_basis"] = sorted({m["physics"]["checker"]["agreement_basis"] for m in metrics})
     return table
 
 
@@ -48,11 +50,14 @@ def markdown(names: list[str], tables: list[dict], seeds: int) -> str:
     lines = [f"| (mean over {seeds} eval seeds) | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     for label, _, fmt in ROWS:
-        cells = [format(t[label]["mean"], fmt) for t in tables]
+        cells = ["-" if t[label]["mean"] is None else format(t[label]["mean"], fmt) for t in tables]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if label.startswith("checker: count"):
-            per_seed = ["/".join(format(v, ".2f").lstrip("0") for v in t[label]["per_seed"]) for t in tables]
+            per_seed = ["/".join(format(v, ".2f").lstrip("0") for v in t[label]["per_seed"]) for t in tables]  # never None
             lines.append("| ... per seed | " + " | ".join(per_seed) + " |")
+    for name, t in zip(names, tables):
+        if t["agreement_basis"] != ["prompt object count"]:  # unconditional: nothing to count against
+            lines.append(f"\n{name}: the count agreement here is {' / '.join(t['agreement_basis'])}")
     return "\n".join(lines)
 
 

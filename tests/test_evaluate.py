@@ -238,8 +238,16 @@ def test_seed_table_averages_the_eval_folders(model_dir, tmp_path, monkeypatch):
     assert table["held-out loss, all t"]["mean"] == pytest.approx(sum(losses) / 2)
     agreement = [m["physics"]["checker"]["objects_per_frame_agreement"] for m in metrics]
     assert f"| checker: count agreement (bar 0.85) | {sum(agreement) / 2:.3f} |" in out
-    assert "(mean over 2 eval seeds) | tiny |" in out
+    assert "(mean over 2 eval seeds) | tiny |" in out and "the count agreement here is" not in out
     uneven = subprocess.run([*script, f"a={tmp_path}/seed*", f"b={tmp_path}/seed0"], capture_output=True, text=True)
     assert uneven.returncode == 2 and "different numbers of eval folders" in uneven.stderr
     missing = subprocess.run([*script, f"a={tmp_path}/none*"], capture_output=True, text=True)
     assert missing.returncode == 2 and "no eval folder" in missing.stderr
+    # an unconditional eval has no prompt counts: no agreement without fragments, and a note on what it measures
+    assert main(["eval", "--model", str(model_dir), "--out", str(tmp_path / "uncond" / "seed0"), "--num-videos", "2",
+                 "--steps", "2", "--clips", "2", "--bootstrap", "10", "--device", "cpu", "--no-fvd",
+                 "--unconditional"]) == 0
+    mixed = subprocess.run([*script, f"tiny={tmp_path}/seed0", f"uncond={tmp_path}/uncond/seed0"],
+                           check=True, capture_output=True, text=True).stdout
+    assert "| ... without fragments | " in mixed and mixed.split("| ... without fragments | ")[1].split("\n")[0].endswith("| - |")
+    assert "uncond: the count agreement here is count distribution overlap" in mixed
