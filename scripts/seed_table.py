@@ -29,10 +29,10 @@ ROWS = [
 ]
 
 
-def read_column(pattern: str) -> tuple[list[str], list[dict]]:
-    """The eval folders matching ``pattern`` (sorted) and their metrics."""
-    folders = sorted(p for p in glob.glob(pattern) if (Path(p) / "metrics.json").is_file())
-    return folders, [json.loads((Path(p) / "metrics.json").read_text()) for p in folders]
+def read_column(pattern: str) -> list[dict]:
+    """The metrics of the eval folders matching ``pattern``, in sorted folder order."""
+    files = sorted(Path(p) / "metrics.json" for p in glob.glob(pattern) if (Path(p) / "metrics.json").is_file())
+    return [json.loads(f.read_text()) for f in files]
 
 
 def summarize(metrics: list[dict]) -> dict:
@@ -71,7 +71,7 @@ def main() -> None:
         name, sep, pattern = column.partition("=")
         if not sep or not name or not pattern:
             parser.error(f"{column!r} is not NAME=PATTERN")
-        folders, metrics = read_column(pattern)
+        metrics = read_column(pattern)
         if not metrics:
             parser.error(f"{name}: no eval folder with metrics.json matches {pattern!r}")
         names.append(name)
