@@ -582,17 +582,21 @@ if [[ $step == compiled || $step == all ]]; then
         --jobs 2 --decay-start 70.4
 fi
 
-if [[ $step == shipcompiled || $step == all ]]; then
-    # compiled's EMA scored 0.74 on counts over eval seeds 0-3, its raw weights 0.73, the amx copy it
-    # replaces 0.69. The copy keeps the configs' sampling defaults.
-    python scripts/ship_model.py "$RUNS/compiled/model" samples/bouncing-moe
+ship_copy() {  # run: the fp16 copy of the run's EMA in samples/bouncing-moe, evaluated on eval seeds 0-3,
+    # ship_outputs, then eval seeds 4-7 (two lanes side by side)
+    python scripts/ship_model.py "$RUNS/$1/model" samples/bouncing-moe
     copy_eval() { vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/seeds/seed$1" --no-fvd --seed "$1"; }
     on_eval_seeds shipped copy_eval
     ship_outputs samples/bouncing-moe "$RESULTS/shipped"
-    # Then eval seeds 4-7 too, two lanes side by side.
     (copy_eval 4; copy_eval 5) > "$RESULTS/shipped-lane45.log" 2>&1 &
     (copy_eval 6; copy_eval 7) > "$RESULTS/shipped-lane67.log" 2>&1 &
     wait
+}
+
+if [[ $step == shipcompiled || $step == all ]]; then
+    # compiled's EMA scored 0.74 on counts over eval seeds 0-3, its raw weights 0.73, the amx copy it
+    # replaces 0.69. The copy keeps the configs' sampling defaults.
+    ship_copy compiled
 fi
 
 if [[ $step == densecompiled || $step == all ]]; then
@@ -685,13 +689,7 @@ fi
 if [[ $step == shiplr2e3 || $step == all ]]; then
     # lr2e3's EMA scored 0.785 on counts over eval seeds 0-3 and 0.79 on seeds 4-7; the compiled copy it
     # replaces 0.77 and 0.74. The copy keeps the configs' sampling defaults.
-    python scripts/ship_model.py "$RUNS/lr2e3/model" samples/bouncing-moe
-    copy_eval() { vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/seeds/seed$1" --no-fvd --seed "$1"; }
-    on_eval_seeds shipped copy_eval
-    ship_outputs samples/bouncing-moe "$RESULTS/shipped"
-    (copy_eval 4; copy_eval 5) > "$RESULTS/shipped-lane45.log" 2>&1 &
-    (copy_eval 6; copy_eval 7) > "$RESULTS/shipped-lane67.log" 2>&1 &
-    wait
+    ship_copy lr2e3
 fi
 
 if [[ $step == lr2e3b || $step == all ]]; then
