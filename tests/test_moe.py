@@ -82,6 +82,24 @@ def test_expert_choice_fills_every_expert_exactly():
     assert counts.tolist() == [math.ceil(40 * 2 / E)] * E
 
 
+def test_expert_choice_picks_within_each_clip():
+    """Each expert takes the same number of tokens from every clip, so a clip's output does not depend on
+    which clips share its batch; the batched path agrees with the loop on [B, L, D] input."""
+    moe = make_moe(top_k=2, router="expert_choice")
+    clips = torch.randn(3, 20, D)
+    route = moe.router(clips.reshape(-1, D), groups=3)
+    per_clip = torch.bincount(route.token_ids // 20 * E + route.expert_ids, minlength=3 * E)
+    assert per_clip.tolist() == [math.ceil(20 * 2 / E)] * (3 * E)
+    assert route.per_expert == 3 * math.ceil(20 * 2 / E)
+    together, _ = moe(clips)
+    alone, _ = moe(clips[1:2])
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together.reshape(-1, D), moe.loop_reference(clips.reshape(-1, D), route),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        moe.router(torch.randn(50, D), groups=3)
+
+
 def test_switch_balance_loss_bounds():
     n = 64
     uniform_probs = torch.full((n, E), 1.0 / E)

@@ -33,6 +33,7 @@ class RouterOutput:
     num_tokens: int
     dropped: int = 0  # assignments removed by the capacity limit
     top_k: int | None = None  # set when every token has exactly K assignments, ordered token-major
+    per_expert: int | None = None  # set when every expert has exactly this many, ordered expert-major
 
 
 @dataclass
@@ -77,8 +78,9 @@ class Router(nn.Module):
         factor = 1.0 if self.cfg.capacity_factor is None else self.cfg.capacity_factor
         return max(1, math.ceil(factor * num_tokens * self.cfg.top_k / self.num_experts))
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x [N, D] -> assignments."""
+    def forward(self, x: torch.Tensor, groups: int = 1) -> RouterOutput:
+        """x [N, D] -> assignments. Expert choice picks within each of `groups` equal runs of tokens
+        (one per clip), so a clip's routing never depends on the other clips in its batch."""
         with torch.autocast(x.device.type, enabled=False):
             h = x.float()
             if self.training and self.cfg.jitter > 0:
@@ -92,7 +94,7 @@ class Router(nn.Module):
                 blocked = torch.tensor(sorted(self.blocked_experts), device=x.device)
                 scores = scores.index_fill(1, blocked, float("-inf"))
             if self.cfg.router == "expert_choice":
-                return self._expert_choice(probs, logits, scores)
+                return self._expert_choice(probs, logits, scores, groups)
             return self._token_choice(probs, logits, scores)
 
     def _token_choice(self, probs, logits, scores) -> RouterOutput:
@@ -115,13 +117,20 @@ class Router(nn.Module):
         dropped = int((~keep).sum())
         return RouterOutput(token_ids[keep], expert_ids[keep], gates[keep], probs, logits, n, dropped=dropped)
 
-    def _expert_choice(self, probs, logits, scores) -> RouterOutput:
-        n = probs.shape[0]
-        c = min(self.capacity(n), n)
-        chosen = scores.t().topk(c, dim=-1).indices  # [E, C]: each expert's top tokens
-        expert_ids = torch.arange(self.num_experts, device=probs.device).repeat_interleave(c)  # [A]
-        token_ids = chosen.flatten()  # [A]
+    def _expert_choice(self, probs, logits, scores, groups: int) -> RouterOutput:
+        n, e = probs.shape
+        if n % groups:
+            raise ValueError(f"expert choice over {groups} clips needs a multiple of {groups} tokens, got {n}")
+        length = n // groups
+        c = min(self.capacity(length), length)
+        # Each expert takes its top C tokens of every clip: [E, G, C] positions within the clip.
+        chosen = scores.view(groups, length, e).permute(2, 0, 1).topk(c, dim=-1).indices
+        starts = torch.arange(groups, device=probs.device).view(1, groups, 1) * length
+        token_ids = (chosen + starts).flatten()  # [A] expert-major
+        expert_ids = torch.arange(e, device=probs.device).repeat_interleave(groups * c)  # [A]
         gates = probs[token_ids, expert_ids]
+        if not self.blocked_experts:
+            return RouterOutput(token_ids, expert_ids, gates, probs, logits, n, per_expert=groups * c)
         keep = torch.isfinite(scores[token_ids, expert_ids])  # a blocked expert takes nobody
         return RouterOutput(token_ids[keep], expert_ids[keep], gates[keep], probs, logits, n)
 
@@ -218,6 +227,11 @@ class GroupedExperts(nn.Module):
             outs.append((swiglu(rows @ w_in_e) @ w_out_e)[:m])
         return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
 
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        """x [E, R, D], R rows for every expert -> [E, R, D]: two batched products, no padding."""
+        w_in, w_out = self._weights(x.dtype)
+        return torch.bmm(swiglu(torch.bmm(x, w_in)), w_out)
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x [M, D], written plainly: the reference the grouped path is tested against."""
         w_in, w_out = self._weights(x.dtype)
@@ -265,11 +279,14 @@ class MoEFeedForward(nn.Module):
         return self.cfg.dispatch == "grouped" or (self.cfg.dispatch == "auto" and device.type == "cuda")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        """x [..., D] -> (y [..., D], aux)."""
+        """x [..., D] -> (y [..., D], aux); with three or more axes the first indexes clips."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        route = self.router(x)
-        counts = torch.bincount(route.expert_ids, minlength=self.num_experts)  # [E]
+        route = self.router(x, groups=shape[0] if len(shape) > 2 else 1)
+        if route.per_expert is None:
+            counts = torch.bincount(route.expert_ids, minlength=self.num_experts)  # [E]
+        else:  # known without looking at the routing: the shapes stay fixed (torch.compile can take it)
+            counts = torch.full((self.num_experts,), route.per_expert, device=x.device)
         if self.cfg.dispatch == "loop":
             y = self.loop_reference(x, route)
         else:
@@ -283,9 +300,16 @@ class MoEFeedForward(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, route: RouterOutput, counts: torch.Tensor) -> torch.Tensor:
         """Sort assignments by expert, run all experts at once, weight by gates, add back per token."""
-        order = torch.argsort(route.expert_ids, stable=True)  # [A]
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xc = x.to(compute_dtype)
+        if route.per_expert is not None:
+            # Expert choice: the assignments come expert-major, R rows each, so the experts run as
+            # one batched product with fixed shapes (no sort, no padding, nothing read back).
+            tokens = route.token_ids
+            xs = xc.index_select(0, tokens).view(self.num_experts, route.per_expert, -1)  # [E, R, D]
+            ys = self.experts.batched(xs).flatten(0, 1) * route.gates[:, None].to(xs.dtype)  # [A, D]
+            return torch.zeros_like(x).index_add_(0, tokens, ys.to(x.dtype))  # [N, D]
+        order = torch.argsort(route.expert_ids, stable=True)  # [A]
         if route.top_k is not None:
             # Every token has exactly K assignments (row a belongs to token a // K): gathers whose
             # backward is a gather, and a K-way weighted sum instead of a scatter-add.
