@@ -57,6 +57,7 @@ def test_inspect_writes_metrics_report_figures_and_overlays(model_dir, tmp_path)
         assert {"motion", "color", "shape", "time", "frame", "border"} <= set(layer["mi_over_h"])
         assert layer["pool"] == layer["name"].rsplit(".", 1)[0]
         assert -1 <= layer["weight_cosine"]["max"] <= 1
+        assert layer["experts_per_token"]["motion"] == [pytest.approx(2.0)] * 2  # token choice, dropless: K each
     assert [p["name"] for p in metrics["pools"]] == ["blocks.0", "blocks.1"]
 
     # ablation: same noise and timesteps, one expert blocked -> a different loss on moving and static pixels
@@ -82,6 +83,31 @@ def test_inspect_writes_metrics_report_figures_and_overlays(model_dir, tmp_path)
         for rel in paths:
             frames = _decode(out / rel)
             assert len(frames) == 4 and frames[0].shape[0] >= 128
+
+
+@pytest.mark.slow
+def test_inspect_expert_choice_reports_experts_per_token(tmp_path):
+    """Under expert choice tokens get different numbers of experts; the shares average back to K."""
+    from vidmoe.analysis.inspect import inspect
+    from vidmoe.model import build_model
+
+    cfg = load_config(None, TINY + ["model.moe.router=expert_choice"])
+    torch.manual_seed(1)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "model")
+    save_config(cfg, tmp_path / "model" / "vidmoe_config.yaml")
+    out = inspect(tmp_path / "model", out=tmp_path / "report", clips=2, timesteps=[0.5], seed=1, batch_size=2,
+                  permutations=2, precision="no", progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    shares = metrics["attributes"]["motion"]["shares"]
+    for layer in metrics["layers"]:
+        per_value = layer["experts_per_token"]["motion"]
+        assert layer["assignments"] == 2 * layer["tokens"]  # 64 tokens a clip: each of 4 experts takes 32
+        assert sum(s * v for s, v in zip(shares, per_value) if s) == pytest.approx(2.0)
+    assert "Experts per token" in (out / "report.md").read_text()
 
 
 def test_cli_inspect_rejects_bad_arguments(model_dir, tmp_path, capsys):

@@ -142,6 +142,11 @@ def analyse_layer(record: LayerRecord, attributes: dict[str, np.ndarray], infos:
     entry["motion_given_time"] = {"mi_over_h": given_time["mi_over_h"], "null": given_time["null"],
                                   "random_router": given_time["random_router"]}
     entry["motion_lift"] = [row[1] for row in entry["lift"]["motion"]["lift"]]
+    # Token choice gives every token K experts (fewer after capacity drops); expert choice gives a token
+    # as many as pick it, so this is where its experts spend their compute.
+    per_token = np.bincount(record.token.astype(np.int64), minlength=record.num_tokens).astype(np.float64)
+    entry["experts_per_token"] = {name: stats.nan_to_none(stats.mean_by_value(per_token, codes, len(infos[name].values)))
+                                  for name, codes in attributes.items()}
     routed = top1 >= 0
     shares = stats.conditional_shares(top1[routed], attributes["time"][routed], num_experts, NUM_TIME_BUCKETS)
     entry["expert_time_share"] = stats.nan_to_none(shares)

@@ -36,6 +36,8 @@ metrics.json (schema_version 1; shares are fractions, entropies in nats, null me
   - `lift`: attribute -> {`values`, `lift` [E][V] = P(value | expert) / P(value), `null_mean`, `null_std`}
   - `motion_lift` [E]: the lift of "moving" (a copy of the `lift.motion` column)
   - `expert_time_share` [E][buckets]: P(expert | time bucket)
+  - `experts_per_token`: attribute -> [V] mean number of routed experts a token with that value got
+    (K for token choice without drops; under expert choice, where the experts spent their compute)
 - `pools` (shared expert pools only): {`name`, `routers` {spatial, temporal}, `spatial_share` [E]
   (share of each expert's tokens that came from the spatial router), `kind_mi_over_h`, `kind_null`}
 - `loss`: {`all`, `moving`, `static`} mean squared velocity error of the unablated model
@@ -198,9 +200,23 @@ def _motion_section(metrics: dict) -> list[str]:
     lines += _table(["router"] + [str(e) for e in range(num_experts)], rows)
     lines.append("")
     lines += _image("motion lift", metrics["files"]["figures"].get("motion_lift"))
+    if metrics["router"] == "expert_choice":
+        lines += _experts_per_token(metrics)
     lines += ["### Diffusion time", "", "P(expert | time bucket) per router:", ""]
     lines += _image("expert by time bucket", metrics["files"]["figures"].get("time_buckets"))
     return lines
+
+
+def _experts_per_token(metrics: dict) -> list[str]:
+    """Expert choice only: how many experts moving, object and static tokens got, and at each noise level."""
+    attrs = metrics["attributes"]
+    columns = [(a, i, v) for a in ("motion", "foreground", "time") if a in attrs
+               for i, v in enumerate(attrs[a]["values"])]
+    lines = ["Experts per token: under expert choice a token gets as many experts as pick it (on average "
+             f"{metrics['top_k']}), so this shows where the experts spend their compute.", ""]
+    rows = [[f"`{layer['name']}`"] + [_fmt(layer["experts_per_token"][a][i], 2) for a, i, _ in columns]
+            for layer in metrics["layers"]]
+    return lines + _table(["router"] + [f"{a}: {v}" for a, _, v in columns], rows) + [""]
 
 
 def _pool_section(metrics: dict) -> list[str]:

@@ -113,6 +113,14 @@ def conditional_shares(expert: np.ndarray, cond: np.ndarray, num_experts: int, n
 # ---------------------------------------------------------------- nulls
 
 
+def mean_by_value(x: np.ndarray, attr: np.ndarray, num_values: int) -> np.ndarray:
+    """Mean of x [N] over the tokens of each attribute value [V] (NaN for a value no token has)."""
+    sums = np.bincount(attr, weights=x, minlength=num_values)
+    counts = np.bincount(attr, minlength=num_values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
 def summarize_null(observed: float, null: np.ndarray) -> dict:
     """Mean, std, z-score and one-sided permutation p-value of ``observed`` against ``null``."""
     null = np.asarray(null, dtype=np.float64)
