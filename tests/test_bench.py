@@ -12,7 +12,7 @@ from vidmoe.cli import main
 
 SECTION_KEYS = {
     "moe_layer": ["grouped_s", "loop_s", "dense_flops_s", "dense_params_s", "grouped_over_dense_flops",
-                  "loop_over_grouped"],
+                  "loop_over_grouped", "expert_choice_s", "expert_choice_over_dense_flops"],
     "model_step": ["moe_over_dense_flops", "moe_over_dense_params", "moe_s", "dense_flops_s", "dense_params_s"],
     "generation": ["moe_step_over_dense_flops", "moe_clip_over_dense_flops"],
     "peer": ["latte_s", "ours_s", "ours_over_latte", "ours_latte_matched_s", "ours_latte_matched_over_latte",

@@ -5,8 +5,8 @@ candidate runs once or twice to warm up, then the candidates take turns (A B C A
 ``repeats`` rounds so that machine noise hits them equally, and the median is reported next to
 the ratios. Sections:
 
-- ``moe_layer``: forward + backward of one MoE feed-forward (grouped dispatch, per-expert loop)
-  against dense SwiGLUs matched in FLOPs and in parameters;
+- ``moe_layer``: forward + backward of one MoE feed-forward (grouped dispatch, per-expert loop,
+  the same experts under expert choice) against dense SwiGLUs matched in FLOPs and in parameters;
 - ``model_step``: a whole training step (forward, flow loss + MoE aux loss, backward, gradient
   clipping, AdamW) of the MoE model and its two dense baselines, with peak memory;
 - ``generation``: one guided denoising step and one whole clip, for the same three models;
@@ -291,7 +291,8 @@ def training_step(model, cfg: Config, batch, device: torch.device, precision: st
 
 
 def bench_moe_layer(size: BenchSize, device: torch.device, precision: str, repeats: int, warmup: int) -> dict:
-    """Forward + backward of one MoE layer (grouped, loop) against FLOP- and parameter-matched dense SwiGLUs."""
+    """Forward + backward of one MoE layer (grouped, loop, expert choice) against FLOP- and parameter-matched
+    dense SwiGLUs."""
     from .layers import SwiGLU
     from .model import dense_hidden_for
     from .moe import MoEFeedForward, grouped_mm_supported
@@ -303,9 +304,12 @@ def bench_moe_layer(size: BenchSize, device: torch.device, precision: str, repea
     layers = {
         "grouped": MoEFeedForward(size.dim, size.hidden, moe_cfg),
         "loop": MoEFeedForward(size.dim, size.hidden, replace(moe_cfg, dispatch="loop")),
+        # the same experts routed by expert choice: N * K / E rows each, one batched product
+        "expert_choice": MoEFeedForward(size.dim, size.hidden, replace(moe_cfg, router="expert_choice")),
         **{name: SwiGLU(size.dim, hidden) for name, hidden in widths.items()},
     }
     layers["loop"].load_state_dict(layers["grouped"].state_dict())  # same weights, same routing
+    layers["expert_choice"].load_state_dict(layers["grouped"].state_dict())
     x = torch.randn(size.tokens, size.dim, device=device)
     grad = torch.randn(size.tokens, size.dim, device=device)
 
@@ -343,6 +347,8 @@ def bench_moe_layer(size: BenchSize, device: torch.device, precision: str, repea
         "dense_params_s": med["dense_params"],
         "grouped_over_dense_flops": med["grouped"] / med["dense_flops"],
         "loop_over_grouped": med["loop"] / med["grouped"],
+        "expert_choice_s": med["expert_choice"],
+        "expert_choice_over_dense_flops": med["expert_choice"] / med["dense_flops"],
         "samples": times,
     }
 
@@ -709,6 +715,8 @@ def format_table(result: dict) -> str:
                       f"fwd+bwd, {shape}, {r['grouped_kernel']}"),
                   row("", "per-expert loop (dispatch=loop)", _ms(r["loop_s"]),
                       f"{r['loop_over_grouped']:.2f}x grouped"),
+                  row("", "expert choice (batched experts)", _ms(r["expert_choice_s"]),
+                      f"{r['expert_choice_over_dense_flops']:.2f}x dense FLOP-matched"),
                   row("", f"dense FLOP-matched (H={r['dense_hidden']['dense_flops']})", _ms(r["dense_flops_s"]),
                       f"grouped is {r['grouped_over_dense_flops']:.2f}x this"),
                   row("", f"dense param-matched (H={r['dense_hidden']['dense_params']})", _ms(r["dense_params_s"]), "")]
