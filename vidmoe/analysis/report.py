@@ -208,12 +208,13 @@ def _motion_section(metrics: dict) -> list[str]:
 
 
 def _experts_per_token(metrics: dict) -> list[str]:
-    """Expert choice only: how many experts moving, object and static tokens got, and at each noise level."""
+    """Expert choice only: how many experts moving and static, object and background tokens got."""
     attrs = metrics["attributes"]
-    columns = [(a, i, v) for a in ("motion", "foreground", "time") if a in attrs
-               for i, v in enumerate(attrs[a]["values"])]
+    columns = [(a, i, v) for a in ("motion", "foreground") if a in attrs for i, v in enumerate(attrs[a]["values"])]
     lines = ["Experts per token: under expert choice a token gets as many experts as pick it (on average "
-             f"{metrics['top_k']}), so this shows where the experts spend their compute.", ""]
+             f"{metrics['top_k']}), so this shows where the experts spend their compute. (Every clip has one "
+             "diffusion time and each expert picks within the clip, so per time bucket the mean is "
+             f"{metrics['top_k']} by construction.)", ""]
     rows = [[f"`{layer['name']}`"] + [_fmt(layer["experts_per_token"][a][i], 2) for a, i, _ in columns]
             for layer in metrics["layers"]]
     return lines + _table(["router"] + [f"{a}: {v}" for a, _, v in columns], rows) + [""]
