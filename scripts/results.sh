@@ -703,12 +703,20 @@ fi
 
 if [[ $step == ec2e3 || $step == all ]]; then
     # Expert choice had never been trained at full length. Each expert takes the same number of tokens
-    # from every clip, so the experts run as one batched product of fixed shape (1.18x dense_flops per
-    # training step side by side, token choice 1.44x) and a token gets as many experts as the experts
-    # want it to: the shipped run's recipe and seed with model.moe.router=expert_choice.
+    # from every clip, so the experts run as one batched product of fixed shape, and a token gets as many
+    # experts as pick it: the shipped run's recipe and seed with model.moe.router=expert_choice. Then its
+    # EMA on eval seeds 4-7 (two lanes) and what vidmoe inspect finds (experts per token).
     LR_EXTRA=model.moe.router=expert_choice lr_run ec2e3 2e-3 "MoE expert choice, lr 2e-3 (s30)" \
         --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
-        --earlier samples/results/lr2e3b/time_to_quality.json "MoE lr 2e-3, seed 1 (s29)"
+        --earlier samples/results/lr2e3b/time_to_quality.json "MoE lr 2e-3, seed 1 (s29)" \
+        --earlier samples/results/lr3e3/time_to_quality.json "MoE lr 3e-3 (s28)"
+    for lane in "4 5" "6 7"; do
+        for seed in $lane; do
+            vidmoe eval --model "$RUNS/ec2e3/model" --out "$RESULTS/ec2e3/ema-seed$seed" --no-fvd --seed "$seed"
+        done > "$RESULTS/ec2e3-lane${lane// /}.log" 2>&1 &
+    done
+    wait
+    vidmoe inspect --model "$RUNS/ec2e3/model" --out "$RESULTS/ec2e3/inspect"
 fi
 
 if [[ $step == real || $step == all ]]; then
