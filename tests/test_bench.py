@@ -13,7 +13,8 @@ from vidmoe.cli import main
 SECTION_KEYS = {
     "moe_layer": ["grouped_s", "loop_s", "dense_flops_s", "dense_params_s", "grouped_over_dense_flops",
                   "loop_over_grouped", "expert_choice_s", "expert_choice_over_dense_flops"],
-    "model_step": ["moe_over_dense_flops", "moe_over_dense_params", "moe_s", "dense_flops_s", "dense_params_s"],
+    "model_step": ["moe_over_dense_flops", "moe_over_dense_params", "moe_s", "dense_flops_s", "dense_params_s",
+                   "moe_expert_choice_over_dense_flops"],
     "generation": ["moe_step_over_dense_flops", "moe_clip_over_dense_flops"],
     "peer": ["latte_s", "ours_s", "ours_over_latte", "ours_latte_matched_s", "ours_latte_matched_over_latte",
              "ours_dense_latte_matched_over_latte", "ours_dense_latte_matched_no_qk_norm_over_latte",
@@ -37,6 +38,7 @@ def test_bench_tiny_writes_every_key(tmp_path, capsys):
     for section, keys in SECTION_KEYS.items():
         for key in keys:
             assert positive(result["sections"][section][key]), (section, key)
+    assert all(key in result["sections"]["model_step"]["models"]["moe_expert_choice"] for key in MODEL_KEYS)
     for name in ("moe", "dense_flops", "dense_params"):
         entry = result["sections"]["model_step"]["models"][name]
         assert all(key in entry for key in MODEL_KEYS)

@@ -8,7 +8,8 @@ the ratios. Sections:
 - ``moe_layer``: forward + backward of one MoE feed-forward (grouped dispatch, per-expert loop,
   the same experts under expert choice) against dense SwiGLUs matched in FLOPs and in parameters;
 - ``model_step``: a whole training step (forward, flow loss + MoE aux loss, backward, gradient
-  clipping, AdamW) of the MoE model and its two dense baselines, with peak memory;
+  clipping, AdamW) of the MoE model, the same under expert choice, and the two dense baselines, with
+  peak memory;
 - ``generation``: one guided denoising step and one whole clip, for the same three models;
 - ``peer``: the same training step for diffusers' ``LatteTransformer3DModel`` at the same size;
 - ``data``: clips/s from a prepared cache, from decoding the video folder, and from the synthetic
@@ -357,7 +358,9 @@ def bench_model_step(size: BenchSize, device: torch.device, precision: str, repe
     """A whole training step of the MoE model and its dense baselines, with peak memory and parameter counts."""
     from .model import build_model
 
-    configs = model_configs(size)
+    # The configs' MoE beside the same model under expert choice, whose experts run as one batched product.
+    overrides = {**MODEL_VARIANTS, "moe_expert_choice": ["model.moe.router=expert_choice"]}
+    configs = {**model_configs(size), "moe_expert_choice": _load_config(size, overrides["moe_expert_choice"])}
     steps, models, counts = {}, {}, {}
     for name, cfg in configs.items():
         torch.manual_seed(0)
@@ -378,7 +381,7 @@ def bench_model_step(size: BenchSize, device: torch.device, precision: str, repe
             "peak_memory_mb": round(memory[name], 1),
             "params_total": counts[name]["total"],
             "params_active": counts[name]["active"],
-            "overrides": MODEL_VARIANTS[name],
+            "overrides": overrides[name],
         }
         for name in steps
     }
@@ -393,6 +396,8 @@ def bench_model_step(size: BenchSize, device: torch.device, precision: str, repe
         "dense_params_s": per_model["dense_params"]["step_s"],
         "moe_over_dense_flops": moe / per_model["dense_flops"]["step_s"],
         "moe_over_dense_params": moe / per_model["dense_params"]["step_s"],
+        "moe_expert_choice_over_dense_flops": (per_model["moe_expert_choice"]["step_s"]
+                                               / per_model["dense_flops"]["step_s"]),
         "samples": times,
     }
 
@@ -728,7 +733,8 @@ def format_table(result: dict) -> str:
                              f"{v['clips_per_s']:.1f} clips/s, peak +{v['peak_memory_mb']:.0f} MB, "
                              f"{v['params_total'] / 1e6:.2f}M params ({v['params_active'] / 1e6:.2f}M active)"))
         lines.append(row("", "", "", f"moe/dense_flops {r['moe_over_dense_flops']:.2f}, "
-                                     f"moe/dense_params {r['moe_over_dense_params']:.2f}"))
+                                     f"moe/dense_params {r['moe_over_dense_params']:.2f}, "
+                                     f"moe_expert_choice/dense_flops {r['moe_expert_choice_over_dense_flops']:.2f}"))
     if measured("generation"):
         r = s["generation"]
         for name, v in r["models"].items():
