@@ -112,10 +112,12 @@ study_one() {  # config run [overrides...]: 88 minutes on one core
         > "$RUNS/$2.log" 2>&1
 }
 
-on_eval_seeds() {  # tag command...: "command... SEED" for eval seeds 0-3, two seeds a lane, two lanes side by side
-    local tag=$1 lane seed
+on_eval_seeds() {  # tag command...: "command... SEED" for eval seeds 0-3 (or those of $EVAL_LANES, e.g. "4 5,6 7"),
+    # two seeds a lane, two lanes side by side
+    local tag=$1 lane seed lanes
     shift
-    for lane in "0 1" "2 3"; do
+    IFS=, read -ra lanes <<< "${EVAL_LANES:-0 1,2 3}"
+    for lane in "${lanes[@]}"; do
         for seed in $lane; do
             "$@" "$seed"
         done > "$RESULTS/$tag-lane${lane// /}.log" 2>&1 &
@@ -589,9 +591,7 @@ ship_copy() {  # run: the fp16 copy of the run's EMA in samples/bouncing-moe, ev
     copy_eval() { vidmoe eval --model samples/bouncing-moe --out "$RESULTS/shipped/seeds/seed$1" --no-fvd --seed "$1"; }
     on_eval_seeds shipped copy_eval
     ship_outputs samples/bouncing-moe "$RESULTS/shipped"
-    (copy_eval 4; copy_eval 5) > "$RESULTS/shipped-lane45.log" 2>&1 &
-    (copy_eval 6; copy_eval 7) > "$RESULTS/shipped-lane67.log" 2>&1 &
-    wait
+    EVAL_LANES="4 5,6 7" on_eval_seeds shipped copy_eval
 }
 
 if [[ $step == shipcompiled || $step == all ]]; then
@@ -710,12 +710,8 @@ if [[ $step == ec2e3 || $step == all ]]; then
         --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
         --earlier samples/results/lr2e3b/time_to_quality.json "MoE lr 2e-3, seed 1 (s29)" \
         --earlier samples/results/lr3e3/time_to_quality.json "MoE lr 3e-3 (s28)"
-    for lane in "4 5" "6 7"; do
-        for seed in $lane; do
-            vidmoe eval --model "$RUNS/ec2e3/model" --out "$RESULTS/ec2e3/ema-seed$seed" --no-fvd --seed "$seed"
-        done > "$RESULTS/ec2e3-lane${lane// /}.log" 2>&1 &
-    done
-    wait
+    ema_eval() { vidmoe eval --model "$RUNS/ec2e3/model" --out "$RESULTS/ec2e3/ema-seed$1" --no-fvd --seed "$1"; }
+    EVAL_LANES="4 5,6 7" on_eval_seeds ec2e3 ema_eval
     vidmoe inspect --model "$RUNS/ec2e3/model" --out "$RESULTS/ec2e3/inspect"
 fi
 
