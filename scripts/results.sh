@@ -722,11 +722,13 @@ fi
 if [[ $step == dense2e3 || $step == all ]]; then
     # The shipped model's rate (2e-3) had been tried on the MoE only: every dense_flops run was at 1e-3.
     # dense_flops with lr2e3's recipe, alone for 88 minutes on the same kind of 2-core EPYC; its EMA on
-    # eval seeds 0-7 (raw on 0-3), and its snapshots against minutes beside both MoE runs at 2e-3 and
-    # dense_flops at 1e-3 on compiled's code (s25).
+    # eval seeds 0-7 (raw on 0-3), and its snapshots against minutes beside every MoE run at 2e-3 and 3e-3
+    # and dense_flops at 1e-3 on compiled's code (s25).
     LR_CONFIG=dense_flops lr_run dense2e3 2e-3 "dense_flops lr 2e-3 (s31)" \
-        --earlier samples/results/lr2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
+        --earlier samples/results/ec2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
         --earlier samples/results/ec2e3/time_to_quality.json "MoE lr 2e-3, seed 1 (s29)" \
+        --earlier samples/results/ec2e3/time_to_quality.json "MoE lr 3e-3 (s28)" \
+        --earlier samples/results/ec2e3/time_to_quality.json "MoE expert choice, lr 2e-3 (s30)" \
         --earlier samples/results/densecompiled/time_to_quality.json "dense_flops (s25)"
     EVAL_LANES="4 5,6 7" on_eval_seeds dense2e3 ema_eval dense2e3
 fi
