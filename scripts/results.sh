@@ -672,7 +672,7 @@ lr_run() {  # run rate name [--earlier TABLE RUN]...: compiled's recipe at train
     # shellcheck disable=SC2086  # LR_EXTRA is a list of overrides
     raw_beside_ema "${LR_CONFIG:-bouncing_small}" "$run" train.mixed_precision=auto train.compile=true train.max_steps=100000 \
         train.lr="$rate" ${LR_EXTRA:-}
-    gifs "$RUNS/$run/model" "$RESULTS/$run/${LR_CONFIG:-moe}"  # bouncing_small's in moe/
+    gifs "$RUNS/$run/model" "$RESULTS/$run/${LR_CONFIG:-moe}"  # moe/ for bouncing_small, else the config's name
     python scripts/time_to_quality.py --runs "$RUNS/$run" --names "$name" "${@:4}" \
         --earlier samples/results/compiled/time_to_quality.json "MoE (compiled, s24)" \
         --earlier samples/results/compiled/time_to_quality.json "dense_flops (s23)" \

@@ -56,6 +56,8 @@ MODEL_VARIANTS = {
     "dense_flops": ["model.ffn=dense", "model.dense_match=flops"],
     "dense_params": ["model.ffn=dense", "model.dense_match=params"],
 }
+# model_step also times the configs' MoE under expert choice, whose experts run as one batched product.
+STEP_VARIANTS = {**MODEL_VARIANTS, "moe_expert_choice": ["model.moe.router=expert_choice"]}
 GUIDANCE = 3.0
 
 
@@ -358,9 +360,7 @@ def bench_model_step(size: BenchSize, device: torch.device, precision: str, repe
     """A whole training step of the MoE model and its dense baselines, with peak memory and parameter counts."""
     from .model import build_model
 
-    # The configs' MoE beside the same model under expert choice, whose experts run as one batched product.
-    overrides = {**MODEL_VARIANTS, "moe_expert_choice": ["model.moe.router=expert_choice"]}
-    configs = {**model_configs(size), "moe_expert_choice": _load_config(size, overrides["moe_expert_choice"])}
+    configs = {name: _load_config(size, overrides) for name, overrides in STEP_VARIANTS.items()}
     steps, models, counts = {}, {}, {}
     for name, cfg in configs.items():
         torch.manual_seed(0)
@@ -381,7 +381,7 @@ def bench_model_step(size: BenchSize, device: torch.device, precision: str, repe
             "peak_memory_mb": round(memory[name], 1),
             "params_total": counts[name]["total"],
             "params_active": counts[name]["active"],
-            "overrides": overrides[name],
+            "overrides": STEP_VARIANTS[name],
         }
         for name in steps
     }
