@@ -318,3 +318,35 @@ def test_attention_takes_the_fused_kernel_in_fp32_and_for_long_sequences(monkeyp
         assert len(calls) == 1
         layers.attention(long, long, long)  # 300 x 300 scores: past SMALL_ATTENTION
     assert len(calls) == 2
+
+
+def test_exact_x0_velocity_trains_on_the_x0_error():
+    """x0_velocity=exact: the velocity is (x_t - x0_hat) / t at every t, and the flow loss is the x0 error
+    weighed by 1 / max(t, MIN_VELOCITY_T)^2; with the same weights, clamped differs only below MIN_VELOCITY_T."""
+    from vidmoe.diffusion import add_noise, flow_loss
+
+    exact = perturbed(build_model(tiny("model.x0_velocity=exact", "model.refine_channels=8"))).eval()
+    clamped = build_model(tiny("model.refine_channels=8")).eval()
+    clamped.load_state_dict(exact.state_dict())
+    x0, _ = inputs(exact.cfg, batch=4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0.002, 0.03, 0.05, 0.6])
+    kwargs = dict(labels=torch.tensor([0, 1, 2, 0]), captions=["a red circle", "", "a blue square", "red"])
+    with torch.no_grad():
+        loss_exact, out = flow_loss(exact, x0, t, noise, **kwargs)
+        loss_clamped, out_clamped = flow_loss(clamped, x0, t, noise, **kwargs)
+    x_t = add_noise(x0, t, noise)
+    x0_hat = x_t - t.view(-1, 1, 1, 1, 1) * out.sample  # the head's estimate, back from its velocity
+    expected = (x0_hat - x0).square().flatten(1).mean(1) / t.clamp(min=MIN_VELOCITY_T) ** 2
+    torch.testing.assert_close(loss_exact, expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(out.sample[2:], out_clamped.sample[2:])
+    torch.testing.assert_close(loss_exact[2:], loss_clamped[2:])
+    assert out_clamped.loss_weight is None
+    # below MIN_VELOCITY_T the clamped velocity is the same estimate divided by the clamp instead
+    torch.testing.assert_close(out_clamped.sample[:2], (x_t[:2] - x0_hat[:2]) / MIN_VELOCITY_T, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out.sample[:2], out_clamped.sample[:2], rtol=0.1)
+
+
+def test_exact_x0_velocity_needs_an_x0_head():
+    with pytest.raises(vidmoe.ConfigError, match="x0_velocity"):
+        tiny("model.x0_velocity=exact", "model.prediction=velocity")

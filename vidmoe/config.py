@@ -83,6 +83,12 @@ class ModelConfig:
     # x0 head: hidden channels of small per-frame convolutions that correct the token head's x0 at
     # full resolution from it, the noisy input and t (model.PixelRefiner); 0 leaves them out.
     refine_channels: int = 0
+    # How an x0 head's estimate becomes a velocity below t = 0.05 (model.MIN_VELOCITY_T). clamped: as if t
+    # were 0.05, which bounds the velocity and the loss weight 1/t^2 it implies, but leaves the target
+    # noise - x0 unclamped: the head learns a shifted x0 there and part of that loss cannot be learnt
+    # (what every model before session 32 was trained with). exact: the velocity (x_t - x0) / t, and the
+    # training loss weighs the x0 error there by at most 1 / 0.05^2 (the output's loss_weight).
+    x0_velocity: str = "clamped"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -218,6 +224,7 @@ _CHOICES = {
     ("model", "ffn"): ("moe", "dense"),
     ("model", "dense_match"): (None, "flops", "params"),
     ("model", "prediction"): ("x0", "velocity", "edm"),
+    ("model", "x0_velocity"): ("clamped", "exact"),
     ("model", "cross_attention"): ("both", "spatial"),
     ("train", "mixed_precision"): ("auto", "bf16", "fp16", "no"),
     ("train", "optimizer"): ("adamw", "muon"),
@@ -421,6 +428,7 @@ def validate(cfg: Config) -> None:
     _check(moe.expert_hidden is None or moe.expert_hidden > 0, "model.moe.expert_hidden must be positive")
     _check(m.refine_channels >= 0, "model.refine_channels must be >= 0")
     _check(m.refine_channels == 0 or m.prediction == "x0", "model.refine_channels needs model.prediction=x0")
+    _check(m.x0_velocity == "clamped" or m.prediction == "x0", "model.x0_velocity=exact needs model.prediction=x0")
     _check(m.ffn == "dense" or m.dense_match is None, "model.dense_match only applies when model.ffn=dense")
     d = cfg.data
     _check(1 <= d.min_objects <= d.max_objects <= 3,

@@ -55,7 +55,8 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.T
 def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
               labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None,
               source: Optional[torch.Tensor] = None):
-    """Velocity-matching loss per sample [B] (mean over C, T, H, W) and the model's output.
+    """Velocity-matching loss per sample [B] (mean over C, T, H, W, times the output's loss_weight) and the
+    model's output.
 
     ``source`` (default ``x0``) is the clip that is noised; the target is still the velocity
     (x_t - x0) / t that leads from x_t to ``x0``. With x_t = (1 - t) source + t noise that is
@@ -68,7 +69,8 @@ def flow_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.T
         shape = (-1, *([1] * (x0.dim() - 1)))
         target = target + ((1 - t) / t).view(shape).to(x0.dtype) * (source - x0)
     per_sample = F.mse_loss(out.sample.float(), target.float(), reduction="none").flatten(1).mean(1)
-    return per_sample, out
+    weight = getattr(out, "loss_weight", None)
+    return (per_sample if weight is None else per_sample * weight), out
 
 
 def gaussian_blur_frames(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

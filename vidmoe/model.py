@@ -156,15 +156,25 @@ class PixelRefiner(nn.Module):
         return x0 + correction
 
 
-# Below this noise level an x0 prediction is turned into a velocity as if t were this, so the
-# velocity (and the loss weight 1 / t^2 it implies) stays bounded near the clean end.
+# Below this noise level an x0 head's error is weighed as if t were this, so the loss weight 1 / t^2
+# of a velocity loss stays bounded near the clean end: by clamping the velocity itself
+# (model.x0_velocity=clamped) or by the output's loss_weight (exact).
 MIN_VELOCITY_T = 0.05
+EXACT_VELOCITY_MIN_T = 1e-6  # x0_velocity=exact: only guards the division
 
 
-def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The flow velocity (x_t - x0) / t for x_t = (1 - t) x0 + t noise, t [B] or scalar, clamped."""
-    t = t.float().clamp(min=MIN_VELOCITY_T).reshape(-1, *([1] * (x_t.dim() - 1)))
+def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                     min_t: float = MIN_VELOCITY_T) -> torch.Tensor:
+    """The flow velocity (x_t - x0) / t for x_t = (1 - t) x0 + t noise, t [B] or scalar, t clamped at ``min_t``."""
+    t = t.float().clamp(min=min_t).reshape(-1, *([1] * (x_t.dim() - 1)))
     return (x_t.float() - x0.float()) / t
+
+
+def x0_loss_weight(t: torch.Tensor) -> torch.Tensor:
+    """(t / max(t, MIN_VELOCITY_T))^2 for t [B]: on an exact velocity's squared error, the x0 error
+    weighed by 1 / max(t, MIN_VELOCITY_T)^2."""
+    t = t.float()
+    return (t / t.clamp(min=MIN_VELOCITY_T)) ** 2
 
 
 def edm_coefficients(t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,6 +196,8 @@ class VidMoEOutput(BaseOutput):
 
     sample: torch.Tensor
     aux: MoEAux | None = None  # a default, because Accelerate rebuilds outputs field by field
+    # [B]: the factor on each sample's squared velocity error in the training loss (None: 1)
+    loss_weight: torch.Tensor | None = None
 
 
 class VidMoETransformer(ModelMixin, ConfigMixin):
@@ -290,6 +302,7 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
 
         cfg = self.cfg
         x_in = x
+        loss_weight = None
         if cfg.prediction == "edm":
             c_in, skip, scale_out = edm_coefficients(timestep, cfg.sigma_data)  # each [B, 1, 1, 1, 1]
             x_in = x * c_in.to(x.dtype)
@@ -307,13 +320,17 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         if cfg.prediction == "x0":
             if self.refiner is not None:
                 sample = self.refiner(sample, x, timestep)
-            sample = velocity_from_x0(x, sample, timestep)
+            if cfg.x0_velocity == "exact":
+                sample = velocity_from_x0(x, sample, timestep, EXACT_VELOCITY_MIN_T)
+                loss_weight = x0_loss_weight(timestep)
+            else:
+                sample = velocity_from_x0(x, sample, timestep)
         elif cfg.prediction == "edm":
             sample = skip * x.float() - scale_out * sample.float()
         aux = MoEAux.combine(auxes, device=x.device)
         if not return_dict:
             return sample, aux
-        return VidMoEOutput(sample=sample, aux=aux)
+        return VidMoEOutput(sample=sample, aux=aux, loss_weight=loss_weight)
 
     def _drop_mask(self, batch: int, drop: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """Which samples see the null condition: those asked for, plus random ones in training."""

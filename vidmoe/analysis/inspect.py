@@ -310,7 +310,8 @@ def run_model(model, vae, items: Sequence[dict], cfg, timesteps: Sequence[float]
                 def squared_error() -> torch.Tensor:
                     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                         _, out = flow_loss(model, x0, tt, noise, labels=labels, captions=captions)
-                    return (out.sample.float() - (noise - x0).float()).square().mean(1)  # [B, T, h, w]
+                    error = (out.sample.float() - (noise - x0).float()).square().mean(1)  # [B, T, h, w]
+                    return error if out.loss_weight is None else error * out.loss_weight.view(-1, 1, 1, 1)
 
                 recorder.set_batch(clip_ids, tt)
                 base.add(squared_error(), moving)
