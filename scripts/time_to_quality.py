@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from vidmoe.analysis.figures import new_figure
+from vidmoe.analysis.figures import new_figure, save_figure
 from vidmoe.evaluate import evaluate
 from vidmoe.train import SNAPSHOT_DIR
 
@@ -92,8 +92,7 @@ def plot(rows: list[dict], path: Path, decay_start: float | None = None) -> None
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def earlier_rows(table: Path, run: str, parser: argparse.ArgumentParser) -> list[dict]:

@@ -39,11 +39,17 @@ def _small_multiples_size(count: int, cell: tuple[float, float], max_cols: int =
     return cell[0] * cols, cell[1] * math.ceil(max(count, 1) / cols)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig`` and write it as a PNG of at most 256 colours: plots look the same at a third to
+    a quarter of the bytes of a true-colour PNG (the figures committed under samples/ count)."""
+    from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.canvas.draw()
+    rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+    rgb.quantize(colors=256).save(path, optimize=True)
     return path
 
 
@@ -70,7 +76,7 @@ def plot_load_heatmap(path: Path, names: Sequence[str], load: np.ndarray) -> Pat
                      "expert load (share of assignments)", vmin=0.0)
     ax.set_xlabel("expert", fontsize=8)
     fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_time_buckets(path: Path, names: Sequence[str], shares: Sequence[np.ndarray],
@@ -83,7 +89,7 @@ def plot_time_buckets(path: Path, names: Sequence[str], shares: Sequence[np.ndar
                  annotate=share.size <= 64)
         ax.set_xlabel("t bucket", fontsize=7)
         ax.set_ylabel("expert", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_motion_lift(path: Path, names: Sequence[str], lifts: Sequence[Sequence[Optional[float]]],
@@ -106,7 +112,7 @@ def plot_motion_lift(path: Path, names: Sequence[str], lifts: Sequence[Sequence[
         ax.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pool_shares(path: Path, pool_names: Sequence[str], spatial_share: Sequence[Sequence[Optional[float]]]) -> Path:
@@ -123,7 +129,7 @@ def plot_pool_shares(path: Path, pool_names: Sequence[str], spatial_share: Seque
         ax.set_xlabel("expert", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_specialisation(path: Path, names: Sequence[str], attributes: Sequence[str], values: np.ndarray) -> Path:
@@ -133,7 +139,7 @@ def plot_specialisation(path: Path, names: Sequence[str], attributes: Sequence[s
     ax = fig.add_subplot(1, 1, 1)
     image = _heatmap(ax, values, attributes, names, "specialisation MI(expert; attr) / H(attr)", vmin=0.0)
     fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_expert_legend(path: Path, colors: np.ndarray) -> Path:
@@ -145,7 +151,7 @@ def plot_expert_legend(path: Path, colors: np.ndarray) -> Path:
     ax.set_xticks(range(len(colors)), labels=[str(e) for e in range(len(colors))], fontsize=7)
     ax.set_yticks([])
     ax.set_title("expert colours", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _as_float(values) -> np.ndarray:
