@@ -739,10 +739,11 @@ if [[ $step == x0exact || $step == all ]]; then
     # is not clamped: that part of the loss cannot be learnt and came with 4-9x the gradient of a typical
     # sample (HISTORY, Pilots: spikes). The shipped run's recipe and seed with the exact velocity and the
     # x0 error weighed at most 1 / 0.05^2 instead; EMA on eval seeds 0-7 (raw on 0-3), time to quality.
+    earlier=samples/results/dense2e3/time_to_quality.json
     LR_EXTRA=model.x0_velocity=exact lr_run x0exact 2e-3 "MoE exact x0 velocity, lr 2e-3 (s32)" \
-        --earlier samples/results/dense2e3/time_to_quality.json "MoE lr 2e-3 (s27)" \
-        --earlier samples/results/dense2e3/time_to_quality.json "MoE lr 2e-3, seed 1 (s29)" \
-        --earlier samples/results/dense2e3/time_to_quality.json "dense_flops lr 2e-3 (s31)"
+        --earlier "$earlier" "dense_flops (s25)" --earlier "$earlier" "MoE lr 2e-3 (s27)" \
+        --earlier "$earlier" "MoE lr 3e-3 (s28)" --earlier "$earlier" "MoE lr 2e-3, seed 1 (s29)" \
+        --earlier "$earlier" "MoE expert choice, lr 2e-3 (s30)" --earlier "$earlier" "dense_flops lr 2e-3 (s31)"
     EVAL_LANES="4 5,6 7" on_eval_seeds x0exact ema_eval x0exact
 fi
 
