@@ -250,9 +250,10 @@ def training_timesteps(n: int, train_cfg, device, low_noise: bool = True) -> tor
 def soft_edge_source(x0: torch.Tensor, t: torch.Tensor, train_cfg) -> Optional[torch.Tensor]:
     """The clips to noise under train.blur_prob (config): x0 with some low-noise clips blurred, or None.
 
-    Not below MIN_VELOCITY_T: there an x0 head's velocity is taken at t = MIN_VELOCITY_T, and the
-    target of a blurred source, amplified by (1 - t) / t, would ask it for an overshooting x0
-    (x0 - (MIN_VELOCITY_T / t - 1) (x_t - x0)) instead of the sharp clip.
+    Not below MIN_VELOCITY_T: there a clamped x0 head's velocity (model.x0_velocity=clamped) is taken at
+    t = MIN_VELOCITY_T, and the target of a blurred source, amplified by (1 - t) / t, would ask it for an
+    overshooting x0 (x0 - (MIN_VELOCITY_T / t - 1) (x_t - x0)) instead of the sharp clip. An exact head
+    would be asked for the sharp clip; it keeps the same rule, so the two train on the same clips.
     """
     if train_cfg.blur_prob <= 0:
         return None
