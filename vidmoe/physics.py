@@ -395,8 +395,8 @@ def checker(generated: Sequence[dict], real: Sequence[dict], expected_counts: Op
         # Diagnostics, not the checker's number: how much of the disagreement is fragments alone, and how
         # it depends on the number asked for. The built-in generator draws 1-3 objects equally often while a
         # short list of prompts need not (vidmoe eval's first 16 held-out clips ask for 1, 2 and 3 objects
-        # 6, 7 and 3 times), so the mean over the numbers asked for is what prompts drawn like the
-        # generator's clips would score on average.
+        # 6, 7 and 3 times), so the mean over the numbers asked for is closer to what prompts drawn like the
+        # generator's clips would score, as far as the few prompts of each number are typical ones.
         extra["agreement_without_fragments"] = count_agreement(generated, expected_counts, fragments=False)
         by_count = count_agreement_by_count(generated, expected_counts)
         extra["agreement_by_count"] = {str(n): value for n, value in by_count.items()}  # JSON keys
