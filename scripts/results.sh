@@ -765,18 +765,20 @@ if [[ $step == prompts48 || $step == all ]]; then
     # vidmoe eval's 16 prompts ask for 1, 2 and 3 objects 6, 7 and 3 times, and the three trios are where
     # every model fails: the first 48 held-out clips ask 15, 19 and 14 times, with 14 different trios.
     # The shipped copy and the 88-minute runs at 2e-3 on them, eval seeds 0 and 1, then the table by number.
-    p48_eval() {  # name seed: the model of run name (samples/bouncing-moe for shipped)
-        local model="$RUNS/$1/model"
-        [[ $1 == shipped ]] && model=samples/bouncing-moe
-        vidmoe eval --model "$model" --out "$RESULTS/prompts48/$1-seed$2" --no-fvd --seed "$2" --num-videos 48 --clips 48
-    }
+    p48_runs=(shipped lr2e3 lr2e3b x0exact x0exactb ec2e3 dense2e3)  # shipped: samples/bouncing-moe
     p48_lane() {  # seed: every model on it
-        for run in shipped lr2e3 lr2e3b x0exact x0exactb ec2e3 dense2e3; do p48_eval "$run" "$1"; done
+        local run model
+        for run in "${p48_runs[@]}"; do
+            model="$RUNS/$run/model"
+            [[ $run == shipped ]] && model=samples/bouncing-moe
+            vidmoe eval --model "$model" --out "$RESULTS/prompts48/$run-seed$1" --no-fvd --seed "$1" \
+                --num-videos 48 --clips 48
+        done
     }
     mkdir -p "$RESULTS/prompts48"
     EVAL_LANES="0,1" on_eval_seeds prompts48 p48_lane
     columns=()
-    for run in shipped lr2e3 lr2e3b x0exact x0exactb ec2e3 dense2e3; do columns+=("$run=$RESULTS/prompts48/$run-seed*"); done
+    for run in "${p48_runs[@]}"; do columns+=("$run=$RESULTS/prompts48/$run-seed*"); done
     python scripts/count_breakdown.py "${columns[@]}" | tee "$RESULTS/prompts48/by_count.md"
     python scripts/seed_table.py "${columns[@]}" --json "$RESULTS/prompts48/seeds.json" | tee "$RESULTS/prompts48/seeds.md"
 fi
