@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidmoe.config import load_config
+from vidmoe.config import ConfigError, load_config
 from vidmoe.data import build_dataset, collate
 from vidmoe.data.synthetic import (
     BACKGROUND, COLOR_NAMES, MAX_OBJECTS, PALETTE, SHAPES, caption_for, render_clip, shape_extents, shape_mask,
@@ -130,6 +130,21 @@ def test_deterministic_by_seed_and_index_with_disjoint_splits():
     train = {render_clip(i, 0, 2, 16, 16, cfg)["frames"].tobytes() for i in range(50)}
     held_out = {render_clip(i, 0, 2, 16, 16, cfg, split="eval")["frames"].tobytes() for i in range(50)}
     assert not train & held_out
+
+
+def test_object_count_weights_shape_the_training_split_only():
+    counts = lambda cfg, split: np.bincount(  # noqa: E731
+        [render_clip(i, 0, 2, 16, 16, cfg, split=split)["num_objects"] for i in range(600)], minlength=4)[1:]
+    uniform, weighted = data_cfg(), data_cfg("data.object_count_weights=[1, 0, 3]")
+    train = counts(weighted, "train")
+    assert train[1] == 0 and 0.65 < train[2] / train.sum() < 0.85  # 3 of 4 clips hold three objects
+    assert (counts(uniform, "train") > 150).all()
+    # held-out clips, and so held-out loss and the eval's prompts, are the same with or without weights
+    for i in range(20):
+        a, b = (render_clip(i, 0, 3, 16, 16, cfg, split="eval") for cfg in (uniform, weighted))
+        np.testing.assert_array_equal(a["frames"], b["frames"])
+    with pytest.raises(ConfigError, match="object_count_weights"):
+        data_cfg("data.object_count_weights=[1, 2]")
 
 
 def test_any_frame_count_and_size():

@@ -122,6 +122,9 @@ class DataConfig:
     fps: Optional[float] = None  # resample real video to this rate instead of frame_stride
     min_objects: int = 1
     max_objects: int = 3
+    # Relative weights of min_objects..max_objects objects in a training clip (null: uniform). Held-out
+    # clips stay uniform, so held-out loss and eval prompts do not depend on it.
+    object_count_weights: Optional[list[float]] = None
     object_size: list[int] = field(default_factory=lambda: [6, 10])  # pixels at 32x32
     speed: list[float] = field(default_factory=lambda: [0.5, 1.5])  # pixels per frame at 32x32
     num_workers: int = 0
@@ -433,6 +436,10 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     _check(1 <= d.min_objects <= d.max_objects <= 3,
            "data.min_objects and data.max_objects must satisfy 1 <= min_objects <= max_objects <= 3")
+    w = d.object_count_weights
+    _check(w is None or (len(w) == d.max_objects - d.min_objects + 1 and min(w) >= 0 and sum(w) > 0),
+           "data.object_count_weights must give one weight >= 0 per count from min_objects to max_objects, "
+           "not all zero")
     _check(len(d.object_size) == 2 and 0 < d.object_size[0] <= d.object_size[1],
            "data.object_size must be [min, max] pixels")
     _check(len(d.speed) == 2 and 0 <= d.speed[0] <= d.speed[1], "data.speed must be [min, max] pixels per frame")

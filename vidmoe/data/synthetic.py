@@ -104,12 +104,22 @@ def vocabulary() -> list[str]:
     return ["a", "an", "and", "bouncing", *COLOR_NAMES, *SHAPES]
 
 
+def _number_of_objects(rng: np.random.Generator, data_cfg, split: str) -> int:
+    """Uniform over min..max objects, or drawn by data.object_count_weights in the training split."""
+    lo, hi = data_cfg.min_objects, data_cfg.max_objects
+    weights = data_cfg.object_count_weights
+    if weights is None or split != "train":
+        return int(rng.integers(lo, hi + 1))  # the draw every clip made before the weights existed
+    p = np.asarray(weights, dtype=np.float64)
+    return lo + int(rng.choice(len(p), p=p / p.sum()))
+
+
 def render_clip(index: int, seed: int, num_frames: int, height: int, width: int, data_cfg,
                 split: str = "train") -> dict:
     """Clip ``index`` of the given seed and split: frames uint8 [T, H, W, 3] plus the ground truth (module doc)."""
     rng = np.random.default_rng([seed, split_code(split), index])
     scale = min(height, width) / REFERENCE_SIZE
-    n = int(rng.integers(data_cfg.min_objects, data_cfg.max_objects + 1))
+    n = _number_of_objects(rng, data_cfg, split)
     colors = rng.choice(len(PALETTE), size=n, replace=False)
     shapes = rng.integers(len(SHAPES), size=n)
     largest = max(1.0, min(height, width) - 1.0)  # leave room to move
