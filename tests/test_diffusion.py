@@ -15,10 +15,11 @@ class OracleModel:
     """Predicts the exact velocity (x_t - x0) / t towards a known x0, and records the t it was given."""
 
     def __init__(self, x0):
-        self.x0, self.calls = x0, []
+        self.x0, self.calls, self.seen = x0, [], []
 
     def __call__(self, x, t, labels=None, captions=None, drop=None):
         self.calls.append((t.clone(), None if drop is None else drop.clone()))
+        self.seen.append(x.clone())
         x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1, 1)
         return SimpleNamespace(sample=(x - x0) / t.view(-1, 1, 1, 1, 1))
 
@@ -114,6 +115,28 @@ def test_guidance_interval_guides_only_the_noisy_steps():
     assert len(guided) == 10 and all(flag == (t >= 0.5) for t, flag in guided)
     assert any(flag for _, flag in guided) and not all(flag for _, flag in guided)
     assert torch.allclose(out, x0, atol=1e-4)  # the oracle's null and conditional velocities agree
+
+
+@pytest.mark.parametrize("name", ["euler", "euler-stochastic"])
+def test_sampling_from_a_noised_clip_skips_the_levels_above_it(name):
+    x0 = torch.randn(2, 1, 2, 4, 4)
+    oracle = OracleModel(x0)
+    everything = OracleModel(x0)
+    sample(everything, x0.shape, steps=10, guidance=1.0, scheduler_name=name, generator=torch.Generator().manual_seed(0))
+    levels = [float(t[0]) for t, _ in everything.calls]
+    # Given clean clips that are not x0, the oracle's steps move them onto x0's path: what is started
+    # from is (1 - t0) init + t0 noise at the first level t0 <= start_t, then only the levels below.
+    init = torch.randn_like(x0)
+    noise = torch.randn_like(x0)
+    out = sample(oracle, x0.shape, steps=10, guidance=1.0, scheduler_name=name, noise=noise, init=init,
+                 start_t=0.4, generator=torch.Generator().manual_seed(0))
+    used = [float(t[0]) for t, _ in oracle.calls]
+    assert used == [t for t in levels if t <= 0.4] and 0 < len(used) < len(levels)
+    assert torch.allclose(out, x0, atol=1e-4)
+    t0 = used[0]
+    assert oracle.seen[0].equal((1 - t0) * init + t0 * noise)
+    with pytest.raises(ValueError, match="below every noise level"):
+        sample(oracle, x0.shape, steps=10, scheduler_name=name, noise=noise, init=init, start_t=1e-4)
 
 
 def test_guidance_one_is_a_single_conditional_forward():

@@ -259,3 +259,32 @@ def test_seed_table_averages_the_eval_folders(model_dir, tmp_path, monkeypatch):
                            check=True, capture_output=True, text=True).stdout
     assert "| ... without fragments | " in mixed and mixed.split("| ... without fragments | ")[1].split("\n")[0].endswith("| - |")
     assert "uncond: the count agreement here is count distribution overlap" in mixed
+
+
+def test_count_from_noise_is_generation_at_one_and_the_real_clips_at_zero(model_dir):
+    import importlib.util
+
+    from vidmoe import physics
+    from vidmoe.evaluate import _conditions
+    from vidmoe.generate import generate
+
+    spec = importlib.util.spec_from_file_location("count_from_noise", ROOT / "scripts" / "count_from_noise.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, cfg, _ = load_model_dir(model_dir, device="cpu")
+    items = heldout_items(cfg, "synthetic:bouncing_shapes", 4)
+    captions, labels, expected = _conditions(cfg, items, 4)
+    generated = generate(model_dir, prompt=captions, label=labels, num_videos=4, seed=3, device="cpu").numpy()
+    from_noise, asked = script.clips_from_noise(model_dir, 1.0, clips=4, seed=3)
+    np.testing.assert_array_equal(from_noise, generated)
+    assert asked == expected and len(set(expected)) > 1
+    halfway, _ = script.clips_from_noise(model_dir, 0.5, clips=4, seed=3)
+    assert halfway.shape == generated.shape and not np.array_equal(halfway, generated)
+    results = script.count_from_noise(model_dir, [1.0, 0.0], clips=4, seed=3)
+    assert results[1.0]["all"] == physics.count_agreement(physics.per_clip_metrics(generated), expected)
+    real = physics.per_clip_metrics(to_uint8_clips(items))
+    assert results[0.0]["by_count"] == physics.count_agreement_by_count(real, expected)
+    assert "| real clips |" in script.table(results)
+    with pytest.raises(SystemExit) as bad:
+        script.main(["--model", str(model_dir), "--levels", "1.5"])
+    assert bad.value.code == 2

@@ -154,7 +154,8 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
            captions: Optional[Sequence[str]] = None, steps: int = 30, guidance: float = 3.0,
            scheduler_name: Optional[str] = None, generator: Optional[torch.Generator] = None, *,
            noise: Optional[torch.Tensor] = None, scheduler_config: Optional[dict] = None, shift: Optional[float] = None,
-           guidance_min_t: float = 0.0, device: Optional[torch.device | str] = None) -> torch.Tensor:
+           guidance_min_t: float = 0.0, device: Optional[torch.device | str] = None,
+           init: Optional[torch.Tensor] = None, start_t: float = 1.0) -> torch.Tensor:
     """Integrate the flow from noise (t = 1) to data (t = 0); returns x0 float [B, C, T, H, W].
 
     ``shift`` replaces the schedule's timestep shift (that of ``scheduler_config``, else 1).
@@ -165,6 +166,9 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
     makes each clip's draws independent of the others in the batch.
     ``noise`` overrides the draw from ``generator`` (drawn on the generator's device, then moved,
     so a CPU generator gives the same clips on any device).
+    ``init`` (clean clips, the shape of the noise) with ``start_t`` < 1: start from them noised to the
+    schedule's first level t0 <= start_t, (1 - t0) init + t0 noise, and skip the levels above it
+    (what the sampler keeps of a given layout: scripts/count_from_noise.py).
     """
     device = torch.device(device) if device is not None else _module_device(model)
     if noise is None:
@@ -185,7 +189,15 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
         noise_levels = sigmas[:-1]
     else:
         noise_levels = scheduler.timesteps / float(scheduler.config.num_train_timesteps)
-    for timestep, level in zip(scheduler.timesteps, noise_levels):
+    keep = noise_levels <= start_t + 1e-6
+    if init is not None:
+        if not keep.any():
+            raise ValueError(f"start_t={start_t} is below every noise level of the schedule")
+        t0 = float(noise_levels[keep][0])
+        x = (1 - t0) * init.to(device=device, dtype=torch.float32) + t0 * x
+    for timestep, level, kept in zip(scheduler.timesteps, noise_levels, keep.tolist()):
+        if not kept:
+            continue
         t = level.to(device=device, dtype=torch.float32).expand(x.shape[0])
         v = guided_velocity(model, x, t, labels, captions, guidance if float(level) >= guidance_min_t else 1.0)
         x = scheduler.step(v, timestep, x, return_dict=False, **step_kwargs)[0]
