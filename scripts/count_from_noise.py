@@ -11,6 +11,7 @@ and for pairs and trios the share of frames with fewer and with more whole objec
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -23,20 +24,26 @@ from vidmoe.evaluate import DEFAULT_DATA, _conditions, heldout_items, to_uint8_c
 from vidmoe.generate import _scheduler_config, load_model_dir, resolve_guidance_min_t, resolve_model_dir
 
 
+@functools.lru_cache(maxsize=2)
+def _prepared(model_dir, clips: int, data: str):
+    """The model (in eval mode), its config and the held-out clips, loaded once for every level."""
+    model, cfg, vae = load_model_dir(model_dir)
+    if vae is not None:
+        raise SystemExit("count_from_noise.py: latent models are not supported (it noises pixels)")
+    items = heldout_items(cfg, data, clips)
+    if _conditions(cfg, items, len(items))[2] is None:
+        raise SystemExit("count_from_noise.py: needs a captioned model and data with object counts (bouncing shapes)")
+    return model.eval(), cfg, items
+
+
 def clips_from_noise(model_dir, t0: float, clips: int = 48, seed: int = 0, data: str = DEFAULT_DATA,
                      scheduler: str | None = None, batch_size: int = 8) -> tuple[np.ndarray, list[int]]:
     """uint8 clips [N, T, H, W, 3] sampled from the first held-out clips noised to t0, and the counts asked for.
 
     t0 = 1 is ``vidmoe generate`` with the eval's prompts (the same clips), t0 = 0 the real clips.
     """
-    model, cfg, vae = load_model_dir(model_dir)
-    if vae is not None:
-        raise SystemExit("count_from_noise.py: latent models are not supported (it noises pixels)")
-    model.eval()
-    items = heldout_items(cfg, data, clips)
+    model, cfg, items = _prepared(model_dir, clips, data)
     captions, labels, expected = _conditions(cfg, items, len(items))
-    if expected is None:
-        raise SystemExit("count_from_noise.py: needs a captioned model and data with object counts (bouncing shapes)")
     if t0 <= 0:
         return to_uint8_clips(items), expected
     real = torch.stack([item["video"] for item in items]).float()
