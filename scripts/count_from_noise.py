@@ -19,48 +19,36 @@ import numpy as np
 import torch
 
 from vidmoe import physics
-from vidmoe.diffusion import sample, to_uint8_frames
 from vidmoe.evaluate import DEFAULT_DATA, _conditions, heldout_items, to_uint8_clips
-from vidmoe.generate import _scheduler_config, load_model_dir, resolve_guidance_min_t, resolve_model_dir
+from vidmoe.generate import generate, load_model_dir
 
 
 @functools.lru_cache(maxsize=2)
 def _prepared(model_dir, clips: int, data: str):
-    """The model (in eval mode), its config and the held-out clips, loaded once for every level."""
-    model, cfg, vae = load_model_dir(model_dir)
+    """The model's config and the held-out clips, loaded once for every level."""
+    _, cfg, vae = load_model_dir(model_dir)
     if vae is not None:
         raise SystemExit("count_from_noise.py: latent models are not supported (it noises pixels)")
     items = heldout_items(cfg, data, clips)
     if _conditions(cfg, items, len(items))[2] is None:
         raise SystemExit("count_from_noise.py: needs a captioned model and data with object counts (bouncing shapes)")
-    return model.eval(), cfg, items
+    return cfg, items
 
 
 def clips_from_noise(model_dir, t0: float, clips: int = 48, seed: int = 0, data: str = DEFAULT_DATA,
-                     scheduler: str | None = None, batch_size: int = 8) -> tuple[np.ndarray, list[int]]:
+                     scheduler: str | None = None) -> tuple[np.ndarray, list[int]]:
     """uint8 clips [N, T, H, W, 3] sampled from the first held-out clips noised to t0, and the counts asked for.
 
     t0 = 1 is ``vidmoe generate`` with the eval's prompts (the same clips), t0 = 0 the real clips.
     """
-    model, cfg, items = _prepared(model_dir, clips, data)
+    cfg, items = _prepared(model_dir, clips, data)
     captions, labels, expected = _conditions(cfg, items, len(items))
     if t0 <= 0:
         return to_uint8_clips(items), expected
     real = torch.stack([item["video"] for item in items]).float()
-    # The noise and per-clip streams of vidmoe generate, the same at every level.
-    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(seed))
-    streams = [torch.Generator().manual_seed(int(s)) for s in np.random.SeedSequence(seed).generate_state(len(items))]
-    parts = []
-    for start in range(0, len(items), batch_size):
-        chunk = slice(start, start + batch_size)
-        x = sample(model, real[chunk].shape, labels=None if labels is None else torch.tensor(labels[chunk]),
-                   captions=captions[chunk], steps=cfg.sample.steps, guidance=cfg.sample.guidance,
-                   scheduler_name=scheduler or cfg.sample.scheduler, noise=noise[chunk],
-                   scheduler_config=_scheduler_config(resolve_model_dir(model_dir)), generator=streams[chunk],
-                   guidance_min_t=resolve_guidance_min_t(cfg, None), init=None if t0 >= 1 else real[chunk],
-                   start_t=min(t0, 1.0))
-        parts.append(to_uint8_frames(x).cpu().numpy())
-    return np.concatenate(parts), expected
+    videos = generate(model_dir, prompt=captions, label=labels, num_videos=len(items), seed=seed,
+                      scheduler=scheduler, init=None if t0 >= 1 else real, start_t=min(t0, 1.0))
+    return videos.numpy(), expected
 
 
 def count_from_noise(model_dir, levels, clips: int = 48, seed: int = 0, data: str = DEFAULT_DATA,

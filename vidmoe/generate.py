@@ -145,7 +145,7 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
              scheduler: Optional[str] = None, shift: Optional[float] = None, guidance_min_t: Optional[float] = None,
              batch_size: Optional[int] = None, device: Optional[torch.device | str] = None,
              out: Optional[str | Path] = None, format: Optional[str] = None, fps: Optional[int] = None,
-             vae=None) -> torch.Tensor:
+             vae=None, init: Optional[torch.Tensor] = None, start_t: float = 1.0) -> torch.Tensor:
     """Sample clips: uint8 [N, T, H, W, C] on the CPU; also written to ``out`` when given.
 
     ``prompt`` and ``label`` are one value for all clips or a list with one per clip; None is the
@@ -154,6 +154,8 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
     ``batch_size`` or the device. ``steps``, ``guidance``, ``scheduler`` and ``guidance_min_t`` left None
     take the model's saved sample section (``guidance_min_t``: see ``diffusion.sample``), as on the
     command line; a bare VidMoETransformer has none, so it gets that section's defaults.
+    ``init`` (clean clips in the model's space, [N, C, T, H, W]) with ``start_t`` < 1 starts each clip
+    from its init noised to start_t instead of from pure noise (``diffusion.sample``).
     """
     if out is not None:
         check_writable_dir(out, "--out")
@@ -189,7 +191,7 @@ def generate(model_dir_or_model, prompt: Optional[str | list[str]] = None, label
                        captions=None if captions is None else captions[chunk], steps=steps, guidance=guidance,
                        scheduler_name=scheduler or cfg.sample.scheduler, noise=noise[chunk],
                        scheduler_config=scheduler_config, shift=shift, guidance_min_t=guidance_min_t, device=device,
-                       generator=streams[chunk])
+                       generator=streams[chunk], init=None if init is None else init[chunk], start_t=start_t)
             if vae is not None:
                 x = vae_decode(vae, x)
             clips.append(to_uint8_frames(x).cpu())
