@@ -117,7 +117,7 @@ def test_guidance_interval_guides_only_the_noisy_steps():
     assert torch.allclose(out, x0, atol=1e-4)  # the oracle's null and conditional velocities agree
 
 
-@pytest.mark.parametrize("name", ["euler", "euler-stochastic"])
+@pytest.mark.parametrize("name", ["euler", "euler-stochastic", "heun", "dpm++", "unipc"])
 def test_sampling_from_a_noised_clip_skips_the_levels_above_it(name):
     x0 = torch.randn(2, 1, 2, 4, 4)
     oracle = OracleModel(x0)
@@ -125,13 +125,16 @@ def test_sampling_from_a_noised_clip_skips_the_levels_above_it(name):
     sample(everything, x0.shape, steps=10, guidance=1.0, scheduler_name=name, generator=torch.Generator().manual_seed(0))
     levels = [float(t[0]) for t, _ in everything.calls]
     # Given clean clips that are not x0, the oracle's steps move them onto x0's path: what is started
-    # from is (1 - t0) init + t0 noise at the first level t0 <= start_t, then only the levels below.
+    # from is (1 - t0) init + t0 noise at the first step that starts at t0 <= start_t, then only the levels
+    # from there on (Heun evaluates two levels a step; a start in the middle of a step once gave noise).
     init = torch.randn_like(x0)
     noise = torch.randn_like(x0)
     out = sample(oracle, x0.shape, steps=10, guidance=1.0, scheduler_name=name, noise=noise, init=init,
                  start_t=0.4, generator=torch.Generator().manual_seed(0))
     used = [float(t[0]) for t, _ in oracle.calls]
-    assert used == [t for t in levels if t <= 0.4] and 0 < len(used) < len(levels)
+    first, order = len(levels) - len(used), 2 if name == "heun" else 1
+    assert 0 < len(used) < len(levels) and used == levels[first:] and max(used) <= 0.4
+    assert first % order == 0 and levels[first - order] > 0.4  # the last step to start above 0.4 is skipped
     assert torch.allclose(out, x0, atol=1e-4)
     t0 = used[0]
     assert oracle.seen[0].equal((1 - t0) * init + t0 * noise)

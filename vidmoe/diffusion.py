@@ -189,15 +189,18 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
         noise_levels = sigmas[:-1]
     else:
         noise_levels = scheduler.timesteps / float(scheduler.config.num_train_timesteps)
-    keep = noise_levels <= start_t + 1e-6
+    # A second-order scheduler (Heun) lists `order` levels per step: a start may only fall on a step's first.
+    order = getattr(scheduler, "order", 1)
+    starts = [i for i in range(0, len(noise_levels), order) if float(noise_levels[i]) <= start_t + 1e-6]
+    begin = starts[0] if starts else len(noise_levels)
     if init is not None:
-        if not keep.any():
+        if not starts:
             raise ValueError(f"start_t={start_t} is below every noise level of the schedule")
-        t0 = float(noise_levels[keep][0])
+        t0 = float(noise_levels[begin])
         x = (1 - t0) * init.to(device=device, dtype=torch.float32) + t0 * x
-    for timestep, level, kept in zip(scheduler.timesteps, noise_levels, keep.tolist()):
-        if not kept:
-            continue
+    if begin and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)  # else the scheduler finds its place from the first timestep it is given
+    for timestep, level in zip(scheduler.timesteps[begin:], noise_levels[begin:]):
         t = level.to(device=device, dtype=torch.float32).expand(x.shape[0])
         v = guided_velocity(model, x, t, labels, captions, guidance if float(level) >= guidance_min_t else 1.0)
         x = scheduler.step(v, timestep, x, return_dict=False, **step_kwargs)[0]
