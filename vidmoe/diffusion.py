@@ -191,10 +191,10 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
         noise_levels = scheduler.timesteps / float(scheduler.config.num_train_timesteps)
     # A second-order scheduler (Heun) lists `order` levels per step: a start may only fall on a step's first.
     order = getattr(scheduler, "order", 1)
-    starts = [i for i in range(0, len(noise_levels), order) if float(noise_levels[i]) <= start_t + 1e-6]
-    begin = starts[0] if starts else len(noise_levels)
+    begin = next((i for i in range(0, len(noise_levels), order) if float(noise_levels[i]) <= start_t + 1e-6),
+                 len(noise_levels))
     if init is not None:
-        if not starts:
+        if begin == len(noise_levels):
             raise ValueError(f"start_t={start_t} is below every noise level of the schedule")
         t0 = float(noise_levels[begin])
         x = (1 - t0) * init.to(device=device, dtype=torch.float32) + t0 * x
