@@ -167,8 +167,8 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
     ``noise`` overrides the draw from ``generator`` (drawn on the generator's device, then moved,
     so a CPU generator gives the same clips on any device).
     ``init`` (clean clips, the shape of the noise) with ``start_t`` < 1: start from them noised to the
-    schedule's first level t0 <= start_t, (1 - t0) init + t0 noise, and skip the levels above it
-    (what the sampler keeps of a given layout: scripts/count_from_noise.py).
+    first level t0 <= start_t at which a step of the schedule starts, (1 - t0) init + t0 noise, and skip the
+    steps before it (what the sampler keeps of a given layout: scripts/count_from_noise.py).
     """
     device = torch.device(device) if device is not None else _module_device(model)
     if noise is None:
