@@ -274,6 +274,64 @@ def test_compiled_regions_match_the_eager_model():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_checked_compile_falls_back_from_wrong_compiled_code(monkeypatch):
+    """A compiled function that returns NaN is recompiled for 256-bit vectors, then run eager if still wrong."""
+    from vidmoe import precision
+
+    compiles = []
+
+    def fake_compile(fn, dynamic=False, options=None, **kw):  # every compiled version gives NaN
+        compiles.append(options)
+        return lambda *args: tuple(out * float("nan") for out in fn(*args))
+
+    monkeypatch.setattr(precision.torch, "compile", fake_compile)
+    calls = []
+
+    def fn(x, pair):
+        calls.append(x.shape)
+        return x * 2, pair[0] + 1
+
+    checked = precision.CheckedCompile(fn)
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="wrong values") as record:
+        out, other = checked(x, (x, None))
+    assert len(record) == 2 and "running it eager" in str(record[1].message)
+    assert compiles == [None, {"cpp.simdlen": 256}]
+    torch.testing.assert_close(out, x * 2)
+    torch.testing.assert_close(other, x + 1)
+    calls.clear()
+    checked(x, (x, None))  # checked signature, eager now: one call, no second eager reference
+    assert calls == [x.shape]
+
+
+def test_checked_compile_keeps_right_compiled_code(monkeypatch):
+    from vidmoe import precision
+
+    monkeypatch.setattr(precision.torch, "compile", lambda fn, **kw: lambda *args: fn(*args) + 1e-4)
+    checked = precision.CheckedCompile(lambda x: x * 2)
+    x = torch.ones(5)
+    torch.testing.assert_close(checked(x), x * 2 + 1e-4)  # within rtol: the compiled result is kept
+    assert checked.fallbacks == list(precision.FALLBACK_COMPILE_OPTIONS)
+
+
+@pytest.mark.slow
+def test_compiled_regions_in_bf16_match_the_eager_model_at_full_size():
+    """bouncing_small's sub-blocks compiled under bf16 autocast (where one CPU's compiled code gave NaN)."""
+    cfg = vidmoe.load_config(CONFIGS / "bouncing_small.yaml", [VOCAB]).model
+    eager = perturbed(build_model(cfg)).eval()
+    compiled = build_model(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_regions()
+    x, t = inputs(cfg)
+    outs = []
+    for model in (eager, compiled):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(model(x, t, labels=torch.tensor([0, 1]), captions=["a red circle", "a blue square"]).sample)
+    ref, got = (o.float() for o in outs)
+    assert torch.isfinite(got).all()
+    assert torch.linalg.vector_norm(got - ref) < 0.02 * torch.linalg.vector_norm(ref)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_written_out_attention_matches_the_fused_kernel(masked):
     """On CPUs in bf16 short sequences take the written-out path: it must agree with SDPA, values and grads."""

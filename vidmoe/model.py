@@ -19,6 +19,7 @@ from torch import nn
 from .config import ModelConfig, config_from_dict, config_to_dict
 from .layers import Attention, LabelEmbedder, PatchEmbed3D, SwiGLU, TimestepEmbedder, modulate, sincos_1d, sincos_2d
 from .moe import ExpertPool, MoEAux, MoEFeedForward
+from .precision import CheckedCompile
 from .text import BuiltinTextEncoder, PretrainedTextEncoder
 
 SUBBLOCK_KINDS = ("spatial", "temporal")
@@ -273,10 +274,12 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
 
         The MoE's data-dependent shapes break a whole-model graph into pieces that gain nothing;
         the attention and adaLN part has fixed shapes and is mostly small elementwise passes, which
-        compiling fuses. Parameters and state_dict keys are unchanged.
+        compiling fuses. Parameters and state_dict keys are unchanged. Each region checks its first call of
+        each input shape against the eager code (`precision.CheckedCompile`): on one CPU the compiled code
+        gave NaN in bf16.
         """
         for block in (*self.spatial_blocks, *self.temporal_blocks):
-            block.mix = torch.compile(block.mix, dynamic=False, **options)
+            block.mix = CheckedCompile(block.mix, **options)
 
     @property
     def model_config(self) -> ModelConfig:

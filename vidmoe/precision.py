@@ -1,8 +1,9 @@
-"""Which precision to compute in: bf16 autocast only where the hardware makes it fast."""
+"""Which precision to compute in (bf16 autocast only where the hardware makes it fast), and compiled code checked."""
 
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,3 +48,78 @@ def resolve_mixed_precision(setting: str, device_type: str) -> str:
 
 def autocast_dtype(setting: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setting)
+
+
+# Inductor's AVX-512 code for a compiled sub-block's attention-and-norm region returned NaN in bf16 on
+# an Intel Xeon (family 6 model 207, AVX512-BF16, AMX hidden by the hypervisor; torch 2.14.1): every
+# training step's loss was non-finite, while the same region compiled for 256-bit vectors, or eager, was
+# right. The same code was right on AMD EPYCs and AMX Xeons, so the compiled regions check themselves.
+FALLBACK_COMPILE_OPTIONS = ({"cpp.simdlen": 256}, None)  # then None: eager
+
+
+class CheckedCompile:
+    """torch.compile of ``fn`` that checks itself against ``fn`` on the first call of each input signature.
+
+    The compiled output of that first call is compared with an eager call made without gradients; if it
+    is non-finite where the eager one is finite, or off by more than ``rtol`` (in norm), the function is
+    compiled again for 256-bit vectors, and if that is wrong too it runs eager, with a warning each time.
+    Later calls of a checked signature cost nothing extra. ``fn`` must be deterministic (no dropout).
+    """
+
+    def __init__(self, fn, rtol: float = 0.05, **options):
+        self.fn, self.rtol, self.options = fn, rtol, options
+        self.compiled = torch.compile(fn, dynamic=False, **options)
+        self.fallbacks = list(FALLBACK_COMPILE_OPTIONS)
+        self.checked: set = set()
+
+    def __call__(self, *args):
+        out = self.compiled(*args)
+        key = (torch.is_grad_enabled(), torch.is_autocast_enabled(_device_type(args)), _signature(args))
+        if key in self.checked:
+            return out
+        with torch.no_grad():
+            want = self.fn(*args)
+        while self.fallbacks and not self.agrees(out, want):  # the last fallback, eager, is the reference
+            patch = self.fallbacks.pop(0)
+            warnings.warn(f"torch.compile gave wrong values for {getattr(self.fn, '__qualname__', self.fn)} "
+                          f"on this CPU; {'recompiling with ' + str(patch) if patch else 'running it eager'}",
+                          stacklevel=2)
+            if patch is None:
+                self.compiled = self.fn
+            else:
+                options = {**self.options, "options": {**self.options.get("options", {}), **patch}}
+                self.compiled = torch.compile(self.fn, dynamic=False, **options)
+            self.checked.clear()  # the new function is checked afresh
+            out = self.compiled(*args)
+        self.checked.add(key)
+        return out
+
+    def agrees(self, got, want) -> bool:
+        for g, w in zip(_tensors(got), _tensors(want)):
+            g, w = g.detach().float(), w.float()
+            if not torch.isfinite(g).all() and torch.isfinite(w).all():
+                return False
+            if torch.linalg.vector_norm(g - w) > self.rtol * torch.linalg.vector_norm(w) + 1e-6:
+                return False
+        return True
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _signature(value):
+    """The shapes and dtypes of the tensors in ``value`` (nested tuples and lists), the types of the rest."""
+    if isinstance(value, torch.Tensor):
+        return value.shape, value.dtype
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    return type(value).__name__
+
+
+def _device_type(args) -> str:
+    return next((t.device.type for t in _tensors(list(args))), "cpu")

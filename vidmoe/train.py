@@ -699,8 +699,8 @@ class Trainer:
         step = self.state.step
         return TrainingDiverged(f"{streak} steps in a row had a non-finite loss or gradient (steps {step - streak + 1}-"
                                 f"{step}, train.max_bad_steps={self.cfg.train.max_bad_steps}); {last}. Lower train.lr, "
-                                "raise train.warmup_steps or use train.mixed_precision=no, then continue with "
-                                "--resume latest")
+                                "raise train.warmup_steps, use train.mixed_precision=no or train.compile=false, "
+                                "then continue with --resume latest")
 
     def _budget_spent(self, budget: float) -> float:
         """The share of the time budget spent, by process 0's clock for all, so that all processes stop
