@@ -82,7 +82,7 @@ class CheckedCompile:
         while self.fallbacks and not self.agrees(out, want):  # the last fallback, eager, is the reference
             patch = self.fallbacks.pop(0)
             warnings.warn(f"torch.compile gave wrong values for {getattr(self.fn, '__qualname__', self.fn)} "
-                          f"on this CPU; {'recompiling with ' + str(patch) if patch else 'running it eager'}",
+                          f"on this machine; {'recompiling with ' + str(patch) if patch else 'running it eager'}",
                           stacklevel=2)
             if patch is None:
                 self.compiled = self.fn
