@@ -47,6 +47,10 @@ def test_bench_tiny_writes_every_key(tmp_path, capsys):
     assert abs(counts["moe"] - counts["dense_params"]) / counts["moe"] < 0.05  # parameter-matched
     assert len(result["targets"]) == len(TARGETS)
     assert all(isinstance(t["met"], bool) for t in result["targets"])
+    for t in result["targets"]:  # one repeat: its ratio is the ratio of the medians
+        if t["key"] != "cache_over_train":
+            assert t["repeats"] == 1 and t["repeat_range"][0] == pytest.approx(t["measured"]), t["key"]
+            assert t["met_in_repeats"] == int(t["met"])
     printed = capsys.readouterr()
     assert "targets:" in printed.out and "[bench 5/5] data" in printed.err
     assert all(t.text in printed.out for t in TARGETS)
@@ -87,6 +91,33 @@ def test_table_says_when_a_section_was_not_measured_or_skipped():
     table = format_table(result)
     assert table.count("not measured") == len(TARGETS)
     assert "needs square frames" in table
+
+
+def test_targets_count_the_repeats_that_meet_them():
+    samples = {"moe": [1.0, 1.2, 1.1], "dense_flops": [1.0, 1.0, 1.0], "dense_params": [2.0, 2.0, 1.0]}
+    section = {"samples": samples, "moe_over_dense_flops": 1.1, "moe_over_dense_params": 0.55}
+    targets = {t["key"]: t for t in check_targets({"model_step": section})}
+    flops, params = targets["moe_over_dense_flops"], targets["moe_over_dense_params"]
+    assert flops["met"] and flops["repeat_range"] == [1.0, 1.2] and (flops["met_in_repeats"], flops["repeats"]) == (2, 3)
+    assert params["met"] and params["repeat_range"] == [0.5, 1.1] and params["met_in_repeats"] == 2
+    assert "repeat_range" not in targets["grouped_over_dense_flops"]  # moe_layer not measured
+    result = {"size": "tiny", "repeats": 3, "sections": {}, "targets": list(targets.values()),  # the targets alone
+              "machine": {"cpu": "x", "torch_threads": 1, "torch": "t", "device": "cpu", "fast_bf16": False,
+                          "precision": "no", "load_average": None}}
+    assert "repeats 1.00-1.20, met in 2 of 3" in format_table(result)
+
+
+@pytest.mark.parametrize("repeats", [4, 5])
+def test_repeat_ratios_bound_the_ratio_of_medians(repeats):
+    from statistics import median
+
+    from vidmoe.bench import repeat_ratios
+
+    generator = torch.Generator().manual_seed(repeats)
+    for _ in range(50):
+        a, b = (torch.rand(repeats, generator=generator).add(0.1).tolist() for _ in range(2))
+        ratios = repeat_ratios({"a": a, "b": b}, ("a", "b"))
+        assert min(ratios) - 1e-12 <= median(a) / median(b) <= max(ratios) + 1e-12
 
 
 def test_latte_sees_the_same_tokens_with_temporal_patches():
