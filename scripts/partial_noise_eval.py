@@ -18,6 +18,7 @@ import math
 import sys
 
 import diffusers
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from vidmoe.cli import main
@@ -43,8 +44,7 @@ def patch_scheduler(eta: float) -> None:
         prev = (1 - t_next) * x0 + t_next * (math.sqrt(1 - eta ** 2) * eps + eta * fresh)
         self._step_index += 1
         prev = prev.to(model_output.dtype)
-        return (prev,) if not return_dict else diffusers.schedulers.scheduling_flow_match_euler_discrete \
-            .FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     diffusers.FlowMatchEulerDiscreteScheduler.step = step
 
