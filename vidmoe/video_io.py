@@ -158,6 +158,19 @@ def probe_video(path, timeout: float = 30.0) -> VideoInfo:
         return VideoInfo(len(stamps), times, pts, _fps(stream, times), first.width, first.height)
 
 
+# Colour conversion and scaling (libswscale) on one thread. PyAV's default picks a thread count from the
+# CPUs, and swscale then keeps a pool of slice threads in its cached context; a DataLoader worker forked
+# after the parent decoded inherits that context without the threads, and its first conversion to another
+# frame size waits on them forever (a CI run hung so in test_two_workers_give_the_same_batches_as_none).
+# The frames here are small, so one thread costs nothing measurable.
+SWS_THREADS = 1
+
+
+def _rgb(frame) -> np.ndarray:
+    """uint8 [H, W, 3] of a decoded frame."""
+    return frame.to_ndarray(format="rgb24", threads=SWS_THREADS)
+
+
 def _frames(path, timeout: float, seek_pts: Optional[int] = None, rate: Optional[list] = None) -> Iterator:
     """Decoded frames of the first video stream in presentation order, within the time limit.
 
@@ -176,20 +189,20 @@ def _frames(path, timeout: float, seek_pts: Optional[int] = None, rate: Optional
             for frame in packet.decode():
                 size = size or (frame.width, frame.height)
                 # streams may change resolution midway; clips need one size, the first frame's
-                yield frame if (frame.width, frame.height) == size else frame.reformat(*size)
+                yield frame if (frame.width, frame.height) == size else frame.reformat(*size, threads=SWS_THREADS)
 
 
 def iter_frames(path, timeout: float = 30.0) -> Iterator[tuple[np.ndarray, Optional[float]]]:
     """(uint8 [H, W, 3], time in seconds or None) per frame, in presentation order, one at a time."""
     for frame in _frames(path, timeout):
-        yield frame.to_ndarray(format="rgb24"), frame.time
+        yield _rgb(frame), frame.time
 
 
 def decode_video(path, timeout: float = 30.0) -> tuple[np.ndarray, np.ndarray, float]:
     """All frames -> (uint8 [T, H, W, 3], times float64 [T] seconds from the first frame, fps)."""
     arrays, stamps, rate = [], [], []
     for frame in _frames(path, timeout, rate=rate):
-        arrays.append(frame.to_ndarray(format="rgb24"))
+        arrays.append(_rgb(frame))
         stamps.append(frame.time)
     if not arrays:
         raise VideoReadError(path, "no decodable frame")
@@ -225,7 +238,7 @@ def read_frames(path, indices: Sequence[int], info: Optional[VideoInfo] = None, 
         got = {}
         for i, frame in enumerate(_frames(path, timeout)):
             if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
+                got[i] = _rgb(frame)
             if len(got) == len(wanted):
                 break
     missing = wanted - set(got)
@@ -243,7 +256,7 @@ def _read_by_pts(path, wanted: set[int], pts: np.ndarray, timeout: float) -> Opt
         if i is None or (not got and i > first):
             return None  # landed somewhere we cannot place: decode from the start instead
         if i in wanted:
-            got[i] = frame.to_ndarray(format="rgb24")
+            got[i] = _rgb(frame)
         if len(got) == len(wanted):
             return got
     return None
