@@ -158,11 +158,11 @@ def probe_video(path, timeout: float = 30.0) -> VideoInfo:
         return VideoInfo(len(stamps), times, pts, _fps(stream, times), first.width, first.height)
 
 
-# Colour conversion and scaling (libswscale) on one thread. PyAV's default picks a thread count from the
-# CPUs, and swscale then keeps a pool of slice threads in its cached context; a DataLoader worker forked
-# after the parent decoded inherits that context without the threads, and its first conversion to another
-# frame size waits on them forever (a CI run hung so in test_two_workers_give_the_same_batches_as_none).
-# The frames here are small, so one thread costs nothing measurable.
+# Colour conversion and scaling (libswscale) on one thread. By default PyAV sizes a pool of swscale slice
+# threads from the CPU count; in a DataLoader worker forked after the parent had decoded, a conversion hung
+# for good in swscale freeing that pool (pthread_cond_destroy; seen once, in a CI run of
+# test_two_workers_give_the_same_batches_as_none). With one thread no pool is made. The frames are small,
+# so the lost parallelism costs nothing measurable.
 SWS_THREADS = 1
 
 
