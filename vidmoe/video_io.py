@@ -161,8 +161,8 @@ def probe_video(path, timeout: float = 30.0) -> VideoInfo:
 # Colour conversion and scaling (libswscale) on one thread. By default PyAV sizes a pool of swscale slice
 # threads from the CPU count; in a DataLoader worker forked after the parent had decoded, a conversion hung
 # for good in swscale freeing that pool (pthread_cond_destroy; seen once, in a CI run of
-# test_two_workers_give_the_same_batches_as_none). With one thread no pool is made. The frames are small,
-# so the lost parallelism costs nothing measurable.
+# test_two_workers_give_the_same_batches_as_none). With one thread no pool is made. Measured on 2 cores: a
+# 64x64 frame converts 8x faster so (no pool set up per frame), a 1280x720 one 0.36 against 0.30-0.34 ms.
 SWS_THREADS = 1
 
 
