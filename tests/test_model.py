@@ -408,3 +408,32 @@ def test_exact_x0_velocity_trains_on_the_x0_error():
 def test_exact_x0_velocity_needs_an_x0_head():
     with pytest.raises(vidmoe.ConfigError, match="x0_velocity"):
         tiny("model.x0_velocity=exact", "model.prediction=velocity")
+
+
+def test_self_conditioning_feeds_back_the_models_own_first_estimate():
+    cfg = tiny("model.self_condition=true", "model.self_condition_prob=1.0", "model.cond_dropout=0")
+    model = perturbed(build_model(cfg))
+    assert model.patch_embed.proj.in_channels == 2 * cfg.latent_channels
+    x, t = inputs(cfg)
+    conditions = dict(labels=torch.tensor([0, 1]), captions=["a red circle", "a blue square"])
+    with torch.no_grad():
+        model.eval()
+        plain = model(x, t, **conditions)
+        zeros = model(x, t, self_cond=torch.zeros_like(x), **conditions)
+        fed = model(x, t, self_cond=plain.x0, **conditions)
+        model.train()
+        first = model(x, t, self_cond=torch.zeros_like(x), **conditions)
+        reference = model(x, t, self_cond=first.x0, **conditions)
+    torch.testing.assert_close(plain.sample, zeros.sample)  # no estimate = zeros (in eval and sampling)
+    assert (fed.sample - plain.sample).abs().max() > 1e-4  # the estimate is an input that matters
+    # x0 is the estimate behind the velocity: x_t = x0 + t v
+    torch.testing.assert_close(plain.x0 + t.view(-1, 1, 1, 1, 1) * plain.sample, x, atol=1e-4, rtol=1e-4)
+    # In training (probability 1) the model feeds back its own first pass, and only the second pass learns.
+    auto = model(x, t, **conditions)
+    torch.testing.assert_close(auto.sample, reference.sample)
+    auto.sample.square().mean().backward()
+    assert model.patch_embed.proj.weight.grad[:, cfg.latent_channels:].abs().sum() > 0
+    # Probability 0: the estimate is always zeros.
+    model.cfg.self_condition_prob = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, **conditions).sample, first.sample)

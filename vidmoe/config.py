@@ -65,6 +65,12 @@ class ModelConfig:
     text_layers: int = 1
     vocab: list[str] = field(default_factory=list)  # filled from the data when empty
     cond_dropout: float = 0.1  # probability of dropping class and text in training
+    # Self-conditioning (Chen et al. 2022, "Analog Bits"): the network also sees an earlier x0 estimate
+    # of the same clip (zeros when there is none). In sampling that is the previous step's estimate; in
+    # training, with probability self_condition_prob a batch is first denoised without one (no gradient)
+    # and that estimate is fed back, so the sampler's later steps can keep the layout its earlier ones chose.
+    self_condition: bool = False
+    self_condition_prob: float = 0.5
     cross_attention: str = "both"  # sub-blocks that attend to the text: both | spatial (as Latte)
     vae: Optional[str] = None  # local diffusers AutoencoderKL folder: train in latent space
     vae_channels: int = 4  # latent channels of that VAE
@@ -430,6 +436,7 @@ def validate(cfg: Config) -> None:
     _check(moe.jitter >= 0, "model.moe.jitter must be >= 0")
     _check(moe.expert_hidden is None or moe.expert_hidden > 0, "model.moe.expert_hidden must be positive")
     _check(m.refine_channels >= 0, "model.refine_channels must be >= 0")
+    _check(0.0 <= m.self_condition_prob <= 1.0, "model.self_condition_prob must be in [0, 1]")
     _check(m.refine_channels == 0 or m.prediction == "x0", "model.refine_channels needs model.prediction=x0")
     _check(m.x0_velocity == "clamped" or m.prediction == "x0", "model.x0_velocity=exact needs model.prediction=x0")
     _check(m.ffn == "dense" or m.dense_match is None, "model.dense_match only applies when model.ffn=dense")

@@ -129,17 +129,37 @@ def make_scheduler(name: Optional[str] = None, config: Optional[dict] = None, sh
 
 
 def guided_velocity(model: Callable, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
-                    captions: Optional[Sequence[str]], guidance: float) -> torch.Tensor:
-    """The velocity at (x, t), with classifier-free guidance from one batched forward pass."""
-    if guidance == 1.0:
-        return model(x, t, labels=labels, captions=captions).sample.float()
+                    captions: Optional[Sequence[str]], guidance: float, estimates: Optional[dict] = None) -> torch.Tensor:
+    """The velocity at (x, t), with classifier-free guidance from one batched forward pass.
+
+    ``estimates`` (for a self-conditioned model): the previous call's x0 estimates, "cond" and "uncond"
+    (each [B, ...]; a missing one is zeros), given to the model and replaced by this call's.
+    """
     b = x.shape[0]
+    self_cond = {}
+    if estimates is not None:
+        previous = [estimates.get(branch, torch.zeros_like(x)) for branch in ("cond", "uncond")]
+        self_cond = {"self_cond": previous[0] if guidance == 1.0 else torch.cat(previous)}
+    if guidance == 1.0:
+        out = model(x, t, labels=labels, captions=captions, **self_cond)
+        if estimates is not None:
+            estimates["cond"] = out.x0.float()
+        return out.sample.float()
     drop = torch.tensor([False] * b + [True] * b, device=x.device)
     out = model(torch.cat([x, x]), torch.cat([t, t]),
                 labels=None if labels is None else torch.cat([labels, labels]),
-                captions=None if captions is None else list(captions) * 2, drop=drop).sample.float()
-    cond, uncond = out[:b], out[b:]
+                captions=None if captions is None else list(captions) * 2, drop=drop, **self_cond)
+    if estimates is not None:
+        estimates["cond"], estimates["uncond"] = out.x0.float().split(b)
+    v = out.sample.float()
+    cond, uncond = v[:b], v[b:]
     return uncond + guidance * (cond - uncond)
+
+
+def self_conditioned(model: Any) -> bool:
+    """Whether ``model`` (a VidMoETransformer, or a wrapper of one) takes its previous x0 estimate."""
+    cfg = getattr(getattr(model, "module", model), "cfg", None)
+    return bool(getattr(cfg, "self_condition", False))
 
 
 def _module_device(model: Any) -> torch.device:
@@ -200,9 +220,11 @@ def sample(model: Callable, shape: Sequence[int], labels: Optional[torch.Tensor]
         x = (1 - t0) * init.to(device=device, dtype=torch.float32) + t0 * x
     if begin and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(begin)  # else the scheduler finds its place from the first timestep it is given
+    estimates = {} if self_conditioned(model) else None  # each step's x0 estimates, fed to the next
     for timestep, level in zip(scheduler.timesteps[begin:], noise_levels[begin:]):
         t = level.to(device=device, dtype=torch.float32).expand(x.shape[0])
-        v = guided_velocity(model, x, t, labels, captions, guidance if float(level) >= guidance_min_t else 1.0)
+        v = guided_velocity(model, x, t, labels, captions, guidance if float(level) >= guidance_min_t else 1.0,
+                            estimates)
         x = scheduler.step(v, timestep, x, return_dict=False, **step_kwargs)[0]
     return x
 

@@ -85,12 +85,17 @@ def heldout_loss(model, cfg, items: Sequence[dict], vae=None, timesteps: int = L
     is the mean over clips and timesteps, also given per timestep and per quarter of (0, 1).
     """
     from .data import collate
-    from .diffusion import flow_loss
+    from .diffusion import flow_loss, self_conditioned
     from .train import model_inputs
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    denoiser = model
+    if self_conditioned(model):
+        def denoiser(x, t, **conditions):  # as in training's self-conditioned batches: its own first estimate
+            first = model(x, t, **conditions)
+            return model(x, t, self_cond=first.x0.to(x.dtype), **conditions)
     ts = loss_timesteps(timesteps)
     # Rows are (clip, timestep) pairs, clip-major; the batches always hold the same rows.
     rows = [(i, j) for i in range(len(items)) for j in range(timesteps)]
@@ -109,7 +114,7 @@ def heldout_loss(model, cfg, items: Sequence[dict], vae=None, timesteps: int = L
                     noise_cache = {i: _clip_noise(x0.shape[1:], seed, i, timesteps)}
                 noise.append(noise_cache[i][j])
             t = ts[[j for _, j in chunk]].to(device)
-            per_sample, _ = flow_loss(model, x0, t, torch.stack(noise).to(device), labels=labels, captions=captions)
+            per_sample, _ = flow_loss(denoiser, x0, t, torch.stack(noise).to(device), labels=labels, captions=captions)
             losses[start:start + len(chunk)] = per_sample.float().cpu()
     finally:
         model.train(was_training)

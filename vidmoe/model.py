@@ -199,6 +199,7 @@ class VidMoEOutput(BaseOutput):
     aux: MoEAux | None = None  # a default, because Accelerate rebuilds outputs field by field
     # [B]: the factor on each sample's squared velocity error in the training loss (None: 1)
     loss_weight: torch.Tensor | None = None
+    x0: torch.Tensor | None = None  # the clean-clip estimate behind `sample` (what self-conditioning feeds back)
 
 
 class VidMoETransformer(ModelMixin, ConfigMixin):
@@ -216,7 +217,8 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         p, pt = cfg.patch_size, cfg.temporal_patch_size
         self.grid = (cfg.num_frames // pt, h // p, w // p)  # T', H', W'
 
-        self.patch_embed = PatchEmbed3D(c, d, p, pt)
+        # A self-conditioned model takes its earlier x0 estimate as C more input channels.
+        self.patch_embed = PatchEmbed3D(2 * c if cfg.self_condition else c, d, p, pt)
         self.register_buffer("pos_spatial", sincos_2d(self.grid[1], self.grid[2], d)[None, None], persistent=False)
         self.register_buffer("pos_temporal", sincos_1d(torch.arange(self.grid[0]), d)[None, :, None], persistent=False)
         self.t_embedder = TimestepEmbedder(d)
@@ -287,8 +289,13 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None,
                 captions: list[str] | None = None, drop: torch.Tensor | None = None,
-                return_dict: bool = True) -> VidMoEOutput | tuple:
-        """x [B, C, T, H, W], timestep [B] in [0, 1] (1 = noise) -> velocity [B, C, T, H, W]."""
+                self_cond: torch.Tensor | None = None, return_dict: bool = True) -> VidMoEOutput | tuple:
+        """x [B, C, T, H, W], timestep [B] in [0, 1] (1 = noise) -> velocity [B, C, T, H, W].
+
+        ``self_cond`` (model.self_condition): an earlier x0 estimate of the clip [B, C, T, H, W], such as
+        the previous sampling step's ``x0``; None gives zeros, or in training, with probability
+        model.self_condition_prob, the model's own estimate from a first pass without gradient.
+        """
         b = x.shape[0]
         drop = self._drop_mask(b, drop, x.device)
         timestep = timestep.expand(b) if timestep.dim() == 0 else timestep  # [B]
@@ -302,13 +309,30 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
             text, text_mask = self.text_encoder(texts)  # [B, L, D], [B, L]
             weights = text_mask.float().unsqueeze(-1)
             c = c + self.text_pool((text * weights).sum(1) / weights.sum(1))
+        if self.cfg.self_condition and self_cond is None:
+            self_cond = torch.zeros_like(x)
+            # One draw for the whole batch: the first pass costs a forward whenever any clip takes it.
+            if self.training and float(torch.rand(())) < self.cfg.self_condition_prob:
+                with torch.no_grad():  # same condition, same dropped captions; its MoE losses are not used
+                    self_cond = self._denoise(x, timestep, c, text, text_mask, self_cond)[1].to(x.dtype)
+        sample, x0, auxes, loss_weight = self._denoise(x, timestep, c, text, text_mask, self_cond)
+        aux = MoEAux.combine(auxes, device=x.device)
+        if not return_dict:
+            return sample, aux
+        return VidMoEOutput(sample=sample, aux=aux, loss_weight=loss_weight, x0=x0)
 
+    def _denoise(self, x: torch.Tensor, timestep: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None,
+                 text_mask: torch.Tensor | None, self_cond: torch.Tensor | None):
+        """The network from the noisy clip and the embedded condition: (velocity, x0 estimate, MoE aux
+        items, loss weight or None)."""
         cfg = self.cfg
         x_in = x
         loss_weight = None
         if cfg.prediction == "edm":
             c_in, skip, scale_out = edm_coefficients(timestep, cfg.sigma_data)  # each [B, 1, 1, 1, 1]
             x_in = x * c_in.to(x.dtype)
+        if cfg.self_condition:
+            x_in = torch.cat([x_in, self_cond.to(x_in.dtype)], dim=1)  # [B, 2C, T, H, W]
         h = self.patch_embed(x_in) + self.pos_spatial + self.pos_temporal  # [B, T', S, D]
         auxes = []
         for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
@@ -323,17 +347,17 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         if cfg.prediction == "x0":
             if self.refiner is not None:
                 sample = self.refiner(sample, x, timestep)
+            x0 = sample
             if cfg.x0_velocity == "exact":
                 sample = velocity_from_x0(x, sample, timestep, EXACT_VELOCITY_MIN_T)
                 loss_weight = x0_loss_weight(timestep)
             else:
                 sample = velocity_from_x0(x, sample, timestep)
-        elif cfg.prediction == "edm":
-            sample = skip * x.float() - scale_out * sample.float()
-        aux = MoEAux.combine(auxes, device=x.device)
-        if not return_dict:
-            return sample, aux
-        return VidMoEOutput(sample=sample, aux=aux, loss_weight=loss_weight)
+        else:
+            if cfg.prediction == "edm":
+                sample = skip * x.float() - scale_out * sample.float()
+            x0 = x.float() - timestep.float().view(-1, 1, 1, 1, 1) * sample.float()  # x_t - t v
+        return sample, x0, auxes, loss_weight
 
     def _drop_mask(self, batch: int, drop: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """Which samples see the null condition: those asked for, plus random ones in training."""
