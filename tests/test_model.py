@@ -437,3 +437,23 @@ def test_self_conditioning_feeds_back_the_models_own_first_estimate():
     model.cfg.self_condition_prob = 0.0
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, **conditions).sample, first.sample)
+
+
+def test_self_conditioning_draws_are_the_same_on_every_process():
+    """Each training forward decides on a first pass from the model's own generator: two processes' replicas
+    (built the same) make the same passes, which FSDP needs, at about the configured rate."""
+    runs = []
+    for seed in (0, 1):
+        model = build_model(tiny("model.self_condition=true", "model.self_condition_prob=0.5")).train()
+        calls = []
+        model.patch_embed.register_forward_hook(lambda *args: calls.append(1))
+        x, t = inputs(model.cfg)
+        torch.manual_seed(seed)  # the global generator differs, as with device-specific seeds
+        passes = []
+        with torch.no_grad():
+            for _ in range(40):
+                before = len(calls)
+                model(x, t)
+                passes.append(len(calls) - before)  # 2 with a first pass, else 1
+        runs.append(passes)
+    assert runs[0] == runs[1] and 10 <= runs[0].count(2) <= 30 and set(runs[0]) == {1, 2}

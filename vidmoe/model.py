@@ -238,6 +238,7 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         self.temporal_blocks = nn.ModuleList(SubBlock(cfg, "temporal", self._ffn(i)) for i in range(cfg.depth))
         self.final_layer = FinalLayer(d, pt * p * p * c)
         self.refiner = PixelRefiner(c, cfg.refine_channels) if cfg.refine_channels else None
+        self._self_cond_draws = torch.Generator().manual_seed(0)  # same on every process (see forward)
         self.initialize_weights()
 
     def _ffn(self, block: int) -> nn.Module:
@@ -311,8 +312,10 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
             c = c + self.text_pool((text * weights).sum(1) / weights.sum(1))
         if self.cfg.self_condition and self_cond is None:
             self_cond = torch.zeros_like(x)
-            # One draw for the whole batch: the first pass costs a forward whenever any clip takes it.
-            if self.training and float(torch.rand(())) < self.cfg.self_condition_prob:
+            # One draw for the whole batch (the first pass costs a forward whenever any clip takes it), from
+            # the model's own generator: every process draws the same, so under FSDP all make the same passes.
+            draw = torch.rand((), generator=self._self_cond_draws) if self.training else None
+            if draw is not None and float(draw) < self.cfg.self_condition_prob:
                 with torch.no_grad():  # same condition, same dropped captions; its MoE losses are not used
                     self_cond = self._denoise(x, timestep, c, text, text_mask, self_cond)[1].to(x.dtype)
         sample, x0, auxes, loss_weight = self._denoise(x, timestep, c, text, text_mask, self_cond)
