@@ -867,7 +867,7 @@ if [[ $step == selfcond || $step == all ]]; then
     # Objects that merge or split during sampling: with its previous step's x0 estimate as an input the network
     # can keep the layout it chose instead of deciding it again at every step. Beside lr2e3xeon, the same
     # recipe and seed on the same kind of machine.
-    recipe_run selfcond "MoE lr 2e-3, self-conditioning (s38)" "model.self_condition=true" lr2e3 lr2e3xeon
+    recipe_run selfcond "MoE lr 2e-3, self-conditioning (s38)" "model.self_condition=true" lr2e3xeon
 fi
 
 if [[ $step == retune || $step == all ]]; then
