@@ -50,6 +50,23 @@ def test_heldout_loss_is_deterministic(model_dir):
     assert heldout_loss(model, cfg, items, vae, seed=1, batch_size=5)["mean"] != first["mean"]
 
 
+def test_heldout_loss_of_a_self_conditioned_model_is_that_of_its_second_pass():
+    cfg = load_config(TINY, ['train.mixed_precision="no"', "model.self_condition=true"])
+    cfg.model.vocab = vocabulary()
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    fed = []  # the self-conditioning channels of each pass's input
+    c = cfg.model.latent_channels
+    model.patch_embed.register_forward_hook(lambda module, args, out: fed.append(args[0][:, c:].clone()))
+    items = heldout_items(cfg, "synthetic:bouncing_shapes", 2)
+    first = heldout_loss(model, cfg, items, batch_size=16)  # 2 clips x 8 timesteps: one batch
+    assert len(fed) == 2 and fed[0].abs().max() == 0 and fed[1].abs().max() > 0  # zeros, then its own estimate
+    assert heldout_loss(model, cfg, items, batch_size=16) == first
+
+
 class CleanEstimate(torch.nn.Module):
     """A stand-in model whose one-step x0 estimate is a given clip (its nearest clean clip), optionally blurred."""
 
