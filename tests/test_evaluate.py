@@ -21,17 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model (weights perturbed so the output is not zero), saved as train.py exports model/."""
-    out = tmp_path_factory.mktemp("eval") / "model"
-    cfg = load_config(TINY, ['train.mixed_precision="no"'])
+def tiny_model(*overrides):
+    """The tiny config (with the synthetic vocabulary) and its model, weights perturbed so the output is not zero."""
+    cfg = load_config(TINY, ['train.mixed_precision="no"', *overrides])
     cfg.model.vocab = vocabulary()
     torch.manual_seed(0)
     model = build_model(cfg.model)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
+    return cfg, model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model (tiny_model), saved as train.py exports model/."""
+    out = tmp_path_factory.mktemp("eval") / "model"
+    cfg, model = tiny_model()
     model.save_pretrained(out)
     save_config(cfg, out / CONFIG_FILE)
     make_scheduler(cfg.sample.scheduler).save_pretrained(out / "scheduler")
@@ -51,13 +57,7 @@ def test_heldout_loss_is_deterministic(model_dir):
 
 
 def test_heldout_loss_of_a_self_conditioned_model_is_that_of_its_second_pass():
-    cfg = load_config(TINY, ['train.mixed_precision="no"', "model.self_condition=true"])
-    cfg.model.vocab = vocabulary()
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
+    cfg, model = tiny_model("model.self_condition=true")
     fed = []  # the self-conditioning channels of each pass's input
     c = cfg.model.latent_channels
     model.patch_embed.register_forward_hook(lambda module, args, out: fed.append(args[0][:, c:].clone()))
