@@ -177,7 +177,7 @@ def test_self_conditioned_sampling_passes_each_branch_its_previous_estimate():
 
         def forward(self, x, t, labels=None, captions=None, drop=None, self_cond=None):
             seen.append(self_cond.clone())
-            null = drop.view(-1, 1, 1, 1, 1) if drop is not None else torch.zeros(x.shape[0], 1, 1, 1, 1, dtype=torch.bool)
+            null = torch.zeros(x.shape[0], 1, 1, 1, 1, dtype=torch.bool) if drop is None else drop.view(-1, 1, 1, 1, 1)
             # A distinct x0 per call and branch: the call's index, negative for the null branch.
             x0 = torch.where(null, -1.0, 1.0) * len(seen) * torch.ones_like(x)
             return SimpleNamespace(sample=(x - x0) / t.view(-1, 1, 1, 1, 1), x0=x0)

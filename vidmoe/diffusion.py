@@ -129,7 +129,8 @@ def make_scheduler(name: Optional[str] = None, config: Optional[dict] = None, sh
 
 
 def guided_velocity(model: Callable, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
-                    captions: Optional[Sequence[str]], guidance: float, estimates: Optional[dict] = None) -> torch.Tensor:
+                    captions: Optional[Sequence[str]], guidance: float,
+                    estimates: Optional[dict] = None) -> torch.Tensor:
     """The velocity at (x, t), with classifier-free guidance from one batched forward pass.
 
     ``estimates`` (for a self-conditioned model): the previous call's x0 estimates, "cond" and "uncond"

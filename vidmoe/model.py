@@ -199,7 +199,9 @@ class VidMoEOutput(BaseOutput):
     aux: MoEAux | None = None  # a default, because Accelerate rebuilds outputs field by field
     # [B]: the factor on each sample's squared velocity error in the training loss (None: 1)
     loss_weight: torch.Tensor | None = None
-    x0: torch.Tensor | None = None  # the clean-clip estimate behind `sample` (what self-conditioning feeds back)
+    # the clean-clip estimate behind `sample` (what self-conditioning feeds back; None from a velocity or edm
+    # head without model.self_condition)
+    x0: torch.Tensor | None = None
 
 
 class VidMoETransformer(ModelMixin, ConfigMixin):
@@ -238,7 +240,8 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         self.temporal_blocks = nn.ModuleList(SubBlock(cfg, "temporal", self._ffn(i)) for i in range(cfg.depth))
         self.final_layer = FinalLayer(d, pt * p * p * c)
         self.refiner = PixelRefiner(c, cfg.refine_channels) if cfg.refine_channels else None
-        self._self_cond_draws = torch.Generator().manual_seed(0)  # same on every process (see forward)
+        # The first-pass draws of self-conditioning: the same on every process (see forward).
+        self._self_cond_draws = torch.Generator().manual_seed(0) if cfg.self_condition else None
         self.initialize_weights()
 
     def _ffn(self, block: int) -> nn.Module:
@@ -359,7 +362,8 @@ class VidMoETransformer(ModelMixin, ConfigMixin):
         else:
             if cfg.prediction == "edm":
                 sample = skip * x.float() - scale_out * sample.float()
-            x0 = x.float() - timestep.float().view(-1, 1, 1, 1, 1) * sample.float()  # x_t - t v
+            # x_t - t v, only where it is fed back: not on every other model's training step
+            x0 = x.float() - timestep.float().view(-1, 1, 1, 1, 1) * sample.float() if cfg.self_condition else None
         return sample, x0, auxes, loss_weight
 
     def _drop_mask(self, batch: int, drop: torch.Tensor | None, device: torch.device) -> torch.Tensor:
